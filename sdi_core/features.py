@@ -1,0 +1,215 @@
+"""Checkpoints and the feature container that backends return and the algebra consumes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ._array import array_namespace, to_numpy
+from .factors import SDIError
+from .specs import FeatureLayout
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One training checkpoint and its learning-rate weight ``eta_k``.
+
+    Args:
+        source: whatever the backend can load weights from: a file path, a
+            PyTorch ``state_dict``, a JAX params pytree.  The core never
+            interprets it.
+        eta: learning-rate weight of this checkpoint in the TracIn sum
+            ``sum_k eta_k <grad_i, grad_j>`` (a positive float).  When None,
+            a backend reads it from the checkpoint file when it records one
+            and otherwise uses 1.0.
+        name: identity used to match train and query features; defaults to
+            the path for file sources and to a hash of the weights otherwise.
+        step: training step the checkpoint was taken at (informational).
+    """
+
+    source: Any
+    eta: float | None = None
+    name: str | None = None
+    step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.eta is not None:
+            eta = float(self.eta)
+            if not math.isfinite(eta) or eta <= 0:
+                raise SDIError(f"Checkpoint eta must be a positive finite float, got {self.eta!r}.")
+            object.__setattr__(self, "eta", eta)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Identity and weight of a checkpoint as recorded in features."""
+
+    id: str
+    eta: float
+    step: int | None = None
+
+
+@dataclass
+class Features:
+    """Per-step features of N examples at K checkpoints.
+
+    Attributes:
+        data: one dict per checkpoint, mapping group name to an array of shape
+            ``[N, S_g, D_g]`` (``S_g`` steps of the group, ``D_g`` features per
+            step; see :class:`~sdi_core.specs.FeatureLayout`).  When
+            ``summed`` is true, ``S_g == 1`` and holds the sum over steps
+            (enough for the train side of the query-step trajectory).
+        layout: sketch fingerprint, groups and parameter offsets.
+        checkpoints: one :class:`CheckpointInfo` per entry of ``data``.
+        steps: number of steps of each group (before any summing).
+        example_ids: optional integer ids of the N examples (NumPy, ``[N]``).
+        summed: whether the step axis has been summed out.
+    """
+
+    data: list[dict[str, Any]]
+    layout: FeatureLayout
+    checkpoints: tuple[CheckpointInfo, ...]
+    steps: dict[str, int]
+    example_ids: np.ndarray | None = None
+    summed: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.data) != len(self.checkpoints):
+            raise SDIError(
+                f"Features: {len(self.data)} checkpoint blocks but {len(self.checkpoints)} checkpoint infos."
+            )
+        self.checkpoints = tuple(self.checkpoints)
+        n = None
+        for k, block in enumerate(self.data):
+            for g in self.layout.groups:
+                if g.name not in block:
+                    raise SDIError(f"Features: checkpoint {k} has no array for group {g.name!r}.")
+                arr = block[g.name]
+                if arr.ndim != 3:
+                    raise SDIError(f"Features[{k}][{g.name!r}] must be [N, steps, D], got shape {tuple(arr.shape)}.")
+                want_s = 1 if self.summed else self.steps[g.name]
+                if tuple(arr.shape[1:]) != (want_s, g.width):
+                    raise SDIError(
+                        f"Features[{k}][{g.name!r}] has shape {tuple(arr.shape)}, expected "
+                        f"[N, {want_s}, {g.width}] from the layout."
+                    )
+                if n is None:
+                    n = arr.shape[0]
+                elif arr.shape[0] != n:
+                    raise SDIError(f"Features: groups/checkpoints disagree on N ({arr.shape[0]} vs {n}).")
+        if self.example_ids is not None:
+            self.example_ids = np.asarray(self.example_ids)
+            if n is not None and self.example_ids.shape != (n,):
+                raise SDIError(f"Features.example_ids has shape {self.example_ids.shape}, expected ({n},).")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def n_examples(self) -> int:
+        first = self.data[0][self.layout.groups[0].name]
+        return int(first.shape[0])
+
+    def __len__(self) -> int:
+        return self.n_examples
+
+    @property
+    def n_slots(self) -> int:
+        """Length of the slot axis: the steps of all groups, in group order."""
+        return sum(self.steps[g.name] for g in self.layout.groups)
+
+    def slot_labels(self) -> list[str]:
+        """Human-readable label of each slot, e.g. ``["prelude", "loop[0]", ..., "coda"]``."""
+        labels = []
+        for g in self.layout.groups:
+            s = self.steps[g.name]
+            labels += [g.name] if s == 1 and g.name != "loop" else [f"{g.name}[{t}]" for t in range(s)]
+        return labels
+
+    @property
+    def xp(self):
+        return array_namespace(*[a for block in self.data for a in block.values()])
+
+    def sum_steps(self) -> "Features":
+        """Features with the step axis summed out (``[N, 1, D_g]`` per group)."""
+        if self.summed:
+            return self
+        xp = self.xp
+        data = [{g: xp.sum(a, axis=1, keepdims=True) for g, a in block.items()} for block in self.data]
+        return replace(self, data=data, summed=True)
+
+    def to_numpy(self) -> "Features":
+        """A copy whose arrays are NumPy arrays (on the host)."""
+        data = [{g: to_numpy(a) for g, a in block.items()} for block in self.data]
+        return replace(self, data=data)
+
+    def select(self, index) -> "Features":
+        """Rows ``index`` (a slice or an integer array) of every array."""
+        xp = self.xp
+        if isinstance(index, slice):
+            data = [{g: a[index, ...] for g, a in block.items()} for block in self.data]
+            ids = None if self.example_ids is None else self.example_ids[index]
+        else:
+            idx_np = np.asarray(index, dtype=np.int64)
+            first = next(iter(self.data[0].values()))
+            idx = xp.asarray(idx_np, device=getattr(first, "device", None)) if not isinstance(first, np.ndarray) else idx_np
+            data = [{g: xp.take(a, idx, axis=0) for g, a in block.items()} for block in self.data]
+            ids = None if self.example_ids is None else self.example_ids[idx_np]
+        return replace(self, data=data, example_ids=ids)
+
+    def check_compatible(self, other: "Features", what: str = "train and query features") -> None:
+        """Raise :class:`SDIError` naming the field when the two cannot be contracted."""
+        d = self.layout.diff(other.layout)
+        if d is not None:
+            raise SDIError(
+                f"Cannot combine {what}: {d}. Featurise both with the same sketch "
+                "(same dim and seed) and the same parameter selection."
+            )
+        ids_a = [c.id for c in self.checkpoints]
+        ids_b = [c.id for c in other.checkpoints]
+        if ids_a != ids_b:
+            raise SDIError(
+                f"Cannot combine {what}: they were featurised at different checkpoints "
+                f"({ids_a} vs {ids_b}). Pass the same checkpoints list to both featurize calls."
+            )
+        etas_a = [c.eta for c in self.checkpoints]
+        etas_b = [c.eta for c in other.checkpoints]
+        if not np.allclose(etas_a, etas_b, rtol=1e-12, atol=0):
+            raise SDIError(f"Cannot combine {what}: checkpoint etas differ ({etas_a} vs {etas_b}).")
+
+    @staticmethod
+    def concat(parts: Sequence["Features"]) -> "Features":
+        """Concatenate feature sets of the same layout and checkpoints along N."""
+        parts = list(parts)
+        if not parts:
+            raise SDIError("Features.concat needs at least one part.")
+        first = parts[0]
+        for p in parts[1:]:
+            first.check_compatible(p, "feature batches")
+            if p.summed != first.summed:
+                raise SDIError("Features.concat: cannot mix step-summed and per-step features.")
+            if p.steps != first.steps:
+                raise SDIError(
+                    f"Features.concat: step counts differ between batches ({first.steps} vs {p.steps}); "
+                    "featurise all batches with the same loop count."
+                )
+        if len(parts) == 1:
+            return first
+        xp = first.xp
+        data = [
+            {g: xp.concat([p.data[k][g] for p in parts], axis=0) for g in first.data[k]}
+            for k in range(len(first.data))
+        ]
+        ids = None
+        if all(p.example_ids is not None for p in parts):
+            ids = np.concatenate([p.example_ids for p in parts])
+        return replace(first, data=data, example_ids=ids)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g.name}: {self.steps[g.name]} steps x {g.width}" for g in self.layout.groups)
+        return (
+            f"Features(N={self.n_examples}, checkpoints={len(self.checkpoints)}, {groups}, "
+            f"sketch={dict(self.layout.sketch)}{', summed' if self.summed else ''})"
+        )
