@@ -5,5 +5,32 @@ Imports NumPy and array-api-compat only; never torch or jax.
 from .factors import FactorUse, ParamInfo, SDIError
 from .specs import Exact, FeatureLayout, SketchPlan, TensorSketch
 from .features import Checkpoint, CheckpointInfo, Features
+from .countsketch import HashTable, countsketch
+from .sketch import StreamingSketcher, choose_route, outer_features, sketch_uses, use_features
+from .algebra import InfluenceResult, TopK, influence, self_influence
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointInfo",
+    "Exact",
+    "FactorUse",
+    "FeatureLayout",
+    "Features",
+    "HashTable",
+    "InfluenceResult",
+    "ParamInfo",
+    "SDIError",
+    "SketchPlan",
+    "StreamingSketcher",
+    "TensorSketch",
+    "TopK",
+    "choose_route",
+    "countsketch",
+    "influence",
+    "outer_features",
+    "self_influence",
+    "sketch_uses",
+    "use_features",
+]
