@@ -1,0 +1,1 @@
+"""sdi_torch: the PyTorch backend of SDI."""
