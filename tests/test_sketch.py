@@ -179,3 +179,24 @@ def test_unbiased_over_2000_seeds_and_error_falls_like_inverse_sqrt_m():
     err = {m: np.sqrt(np.mean((estimates(m, 300) - exact) ** 2)) for m in (16, 64)}
     ratio = err[16] / err[64]  # 1/sqrt(m) predicts 2
     assert 1.4 < ratio < 2.9, f"RMS error ratio m=16 vs m=64 is {ratio:.2f}; 1/sqrt(m) scaling predicts 2"
+
+
+@pytest.mark.parametrize("sketch", [Exact(), TensorSketch(dim=8, seed=0)], ids=["exact", "ts8"])
+@pytest.mark.parametrize("route", ["fft", "exact_hash"])
+def test_no_device_or_dtype_leaks_on_array_api_strict_device1(sketch, route):
+    """Features stay on the factors' device and in float32 for float32 factors (array_api_strict device1)."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device("device1")
+    rng = np.random.default_rng(12)
+    cases = [
+        ("linear", (5, 4), rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 5))),
+        ("embedding", (6, 3), rng.integers(0, 6, (2, 3)), rng.normal(size=(2, 3, 3))),
+        ("scale", (30,), rng.normal(size=(2, 3, 30)), rng.normal(size=(2, 3, 30))),
+        ("bias", (30,), None, rng.normal(size=(2, 3, 30))),
+    ]
+    for kind, shape, act, go in cases:
+        spec = make_spec(sketch, ParamInfo("p", shape))
+        a = None if act is None else xs.asarray(act if kind == "embedding" else act.astype(np.float32), device=dev)
+        f = use_features(FactorUse("p", 0, kind, a, xs.asarray(go.astype(np.float32), device=dev)), spec, route=route)
+        assert f.device == dev, f"{kind}/{route}: features on {f.device}, factors on {dev}"
+        assert f.dtype == xs.float32, f"{kind}/{route}: float32 factors gave {f.dtype} features"
