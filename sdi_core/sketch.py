@@ -119,8 +119,15 @@ def outer_features(row_f, col_f, spec: ParamSketchSpec, *, row_range=None, route
         rt = spec.axis_table("rows").subset(r0, r1)
         ct = spec.axis_table("cols")
         return _fft_outer(xp, countsketch(row_f, rt, method=method), countsketch(col_f, ct, method=method), spec.width)
-    g = xp.matmul(xp.matrix_transpose(row_f), col_f)  # [B, R, C]
-    return flat_to_features(xp.reshape(g, (b, r * cols)), spec, r0 * cols, r1 * cols, method=method)
+    return flat_to_features(outer_flat(row_f, col_f), spec, r0 * cols, r1 * cols, method=method)
+
+
+def outer_flat(row_f, col_f):
+    """Per-example ``vec(sum_t row_f[b, t] col_f[b, t]^T)``: ``[B, T, R], [B, T, C] -> [B, R * C]``."""
+    xp = array_namespace(row_f, col_f)
+    b, _, r = row_f.shape
+    g = xp.matmul(xp.matrix_transpose(row_f), col_f)  # [B, R, C]: one batched matmul
+    return xp.reshape(g, (b, r * col_f.shape[-1]))
 
 
 def _fft_outer(xp, row_cs, col_cs, m: int):
@@ -131,11 +138,17 @@ def _fft_outer(xp, row_cs, col_cs, m: int):
     return xp.fft.irfft(xp.sum(prod, axis=1), n=m, axis=-1)
 
 
-def use_features(use: FactorUse, spec: ParamSketchSpec, *, route: str = "auto", method: str = "auto"):
+def use_features(use: FactorUse, spec: ParamSketchSpec, *, route: str = "auto", method: str = "auto",
+                 defer_hash: bool = False):
     """Features ``[B, width]`` of one use's per-example gradient (see :class:`FactorUse` for shapes).
 
     Computed in the accumulation dtype (float64 for float64 factors, float32
     otherwise), on the factors' namespace and device.
+
+    With ``defer_hash=True``, a use that would be hashed from its materialised
+    per-example gradient returns ``("flat", flat [B, hi - lo], lo, hi)``
+    instead, so that a caller can add several uses' gradients before hashing
+    once (see :class:`StreamingSketcher`'s ``sum_steps``).
     """
     kind = use.kind
     g = use.grad_output
@@ -187,6 +200,8 @@ def use_features(use: FactorUse, spec: ParamSketchSpec, *, route: str = "auto", 
             raise _fail(use, f"factors [.., d_in={a.shape[-1]}] and [.., d_out={g.shape[-1]}] do not fit the "
                              f"canonical weight shape (d_out, d_in) = {shape} (rows {r0}:{r1}). A weight stored "
                              "(d_in, d_out) must be reported with canonical shape (d_out, d_in).")
+        if defer_hash and _defers(spec, route, g.shape[0], g.shape[1], r1 - r0, cols):
+            return ("flat", outer_flat(g, a), r0 * cols, r1 * cols)
         return outer_features(g, a, spec, row_range=(r0, r1), route=route, method=method)
     if kind == "embedding":
         ids = use.activation
@@ -203,8 +218,19 @@ def use_features(use: FactorUse, spec: ParamSketchSpec, *, route: str = "auto", 
         if use.ignore_index is not None:
             keep = xp.astype(ids != use.ignore_index, dtype)
             onehot = onehot * xp.expand_dims(keep, axis=-1)
+        if defer_hash and _defers(spec, route, g.shape[0], g.shape[1], rows, cols):
+            return ("flat", outer_flat(onehot, g), 0, rows * cols)
         return outer_features(onehot, g, spec, route=route, method=method)
     raise _fail(use, "unsupported kind")
+
+
+def _defers(spec: ParamSketchSpec, route: str, b: int, t: int, r: int, c: int) -> bool:
+    """Whether an outer use goes through its materialised gradient (so hashing can be deferred)."""
+    if spec.mode != "tensor":
+        return False
+    if route == "auto":
+        route = choose_route(b, t, r, c, spec.width)
+    return route == "exact_hash"
 
 
 class StreamingSketcher:
@@ -225,39 +251,66 @@ class StreamingSketcher:
             the parameter and step (needs concrete arrays: pass False under jit).
     """
 
-    def __init__(self, plan: SketchPlan, batch_size: int, *, route: str | None = None, check_finite: bool = True):
+    def __init__(self, plan: SketchPlan, batch_size: int, *, route: str | None = None, check_finite: bool = True,
+                 sum_steps: bool = False):
         self.plan = plan
         self.batch_size = int(batch_size)
         self.route = route or getattr(plan.sketch, "route", "auto")
         self.check_finite = check_finite
+        self.sum_steps = bool(sum_steps)
         self._acc: dict[tuple[str, int, str], Any] = {}
+        self._flat: dict[tuple[str, int, str, int, int], Any] = {}
         self._max_step: dict[str, int] = {}
         self._xp = None
 
     def add(self, use: FactorUse) -> None:
-        """Sketch one use and add it to the features of ``(use.param, use.step)``."""
+        """Sketch one use and add it to the features of ``(use.param, use.step)``.
+
+        With ``sum_steps=True`` all steps share one slot, and uses hashed from
+        their materialised gradient are summed *before* hashing (one hash per
+        parameter and batch instead of one per step): the train side of the
+        query-step trajectory needs nothing more.
+        """
         spec = self.plan.spec(use.param)
         group = spec.param.group
         if not isinstance(use.step, int) or use.step < 0:
             raise _fail(use, f"step must be a non-negative int assigned at forward time, got {use.step!r}.")
-        feats = use_features(use, spec, route=self.route)
-        if feats.shape[0] != self.batch_size:
-            raise _fail(use, f"batch size {feats.shape[0]} differs from the sketcher's {self.batch_size}.")
-        xp = array_namespace(feats)
+        step = 0 if self.sum_steps else use.step
+        out = use_features(use, spec, route=self.route, defer_hash=self.sum_steps)
+        if isinstance(out, tuple):
+            _, flat, lo, hi = out
+            self._check_batch(use, flat)
+            self._accumulate(self._flat, (group, step, use.param, lo, hi), flat)
+        else:
+            self._check_batch(use, out)
+            self._accumulate(self._acc, (group, step, use.param), out)
+        self._max_step[group] = max(self._max_step.get(group, -1), use.step)
+
+    def _check_batch(self, use: FactorUse, arr) -> None:
+        if arr.shape[0] != self.batch_size:
+            raise _fail(use, f"batch size {arr.shape[0]} differs from the sketcher's {self.batch_size}.")
+        xp = array_namespace(arr)
         if self._xp is None:
             self._xp = xp
         elif self._xp is not xp:
             raise _fail(use, f"arrays from {xp.__name__} mixed with {self._xp.__name__} in one batch.")
-        key = (group, use.step, use.param)
-        prev = self._acc.get(key)
-        if prev is not None and prev.dtype != feats.dtype:
-            hi = xp.result_type(prev.dtype, feats.dtype)
-            prev, feats = xp.astype(prev, hi), xp.astype(feats, hi)
-        self._acc[key] = feats if prev is None else prev + feats
-        self._max_step[group] = max(self._max_step.get(group, -1), use.step)
+
+    def _accumulate(self, table: dict, key, arr) -> None:
+        xp = self._xp
+        prev = table.get(key)
+        if prev is not None and prev.dtype != arr.dtype:
+            hi = xp.result_type(prev.dtype, arr.dtype)
+            prev, arr = xp.astype(prev, hi), xp.astype(arr, hi)
+        table[key] = arr if prev is None else prev + arr
+
+    def _hash_deferred(self) -> None:
+        for (group, step, name, lo, hi), flat in self._flat.items():
+            feats = flat_to_features(flat, self.plan.spec(name), lo, hi)
+            self._accumulate(self._acc, (group, step, name), feats)
+        self._flat = {}
 
     def finalize(self, steps: Mapping[str, int] | None = None, *, dtype=None) -> dict[str, Any]:
-        """Features per group, ``[B, S_g, D_g]``, with zeros where a parameter had no use.
+        """Features per group, ``[B, S_g, D_g]`` (``S_g = 1`` with ``sum_steps``), zeros where a parameter had no use.
 
         Args:
             steps: number of steps per group; default: the largest step seen
@@ -270,6 +323,7 @@ class StreamingSketcher:
                 "parameters are used in the forward pass and that the loss depends on them."
             )
         xp = self._xp
+        self._hash_deferred()
         steps = dict(steps or {})
         any_arr = next(iter(self._acc.values()))
         if dtype is None:
@@ -286,7 +340,7 @@ class StreamingSketcher:
                     f"{n_steps} steps. Pass the loop count the model actually ran."
                 )
             per_step = []
-            for s in range(n_steps):
+            for s in range(1 if self.sum_steps else n_steps):
                 blocks = []
                 for name, (lo, hi) in zip(g.params, g.offsets):
                     a = self._acc.get((g.name, s, name))
@@ -307,9 +361,9 @@ class StreamingSketcher:
 
 
 def sketch_uses(plan: SketchPlan, uses: Iterable[FactorUse], batch_size: int, *, steps=None, route=None,
-                check_finite: bool = True) -> dict[str, Any]:
+                check_finite: bool = True, sum_steps: bool = False) -> dict[str, Any]:
     """Sketch a whole list of uses at once: ``{group: [B, S_g, D_g]}`` (see :class:`StreamingSketcher`)."""
-    sk = StreamingSketcher(plan, batch_size, route=route, check_finite=check_finite)
+    sk = StreamingSketcher(plan, batch_size, route=route, check_finite=check_finite, sum_steps=sum_steps)
     for u in uses:
         sk.add(u)
     return sk.finalize(steps)

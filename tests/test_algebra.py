@@ -221,3 +221,16 @@ def test_import_sdi_core_imports_no_framework():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, f"import sdi_core pulled in a framework: {proc.stderr}"
+
+
+@pytest.mark.parametrize("sketch", [Exact(), TensorSketch(dim=8, seed=4)], ids=["exact", "ts8"])
+def test_sum_steps_sketcher_equals_summed_features(streams, sketch):
+    """Hashing the step-summed gradient once equals summing per-step features (the sketch is linear)."""
+    train, _, etas = streams
+    plan = SketchPlan(sketch, PARAMS)
+    steps = {"prelude": 1, "loop": 3, "coda": 1}
+    per_step = sketch_uses(plan, train[0], 6, steps=steps, route="exact_hash")
+    summed = sketch_uses(plan, train[0], 6, steps=steps, route="exact_hash", sum_steps=True)
+    for g, arr in per_step.items():
+        assert summed[g].shape == (6, 1, arr.shape[2]), f"group {g}: {summed[g].shape}"
+        np.testing.assert_allclose(summed[g][:, 0], arr.sum(axis=1), atol=1e-12, err_msg=f"group {g}")
