@@ -1,0 +1,1 @@
+"""sdi_jax: the JAX backend of SDI."""
