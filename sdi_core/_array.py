@@ -24,6 +24,7 @@ from .factors import SDIError
 __all__ = [
     "array_namespace",
     "device_of",
+    "device_or_none",
     "to_numpy",
     "float_dtype_for",
     "is_jax_namespace",
@@ -48,6 +49,14 @@ def array_namespace(*arrays: Any):
 
 def device_of(x: Any):
     return _device(x)
+
+
+def device_or_none(x: Any):
+    """The array's device, or None where it has none to report (JAX tracers under ``jit``)."""
+    try:
+        return _device(x)
+    except Exception:
+        return None
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from ._array import to_numpy
+from ._array import device_or_none as _dev, to_numpy
 from .factors import SDIError
 from .features import Features
 
@@ -283,12 +283,6 @@ class InfluenceResult:
             best_i[j] = np.take_along_axis(cand_i, order, axis=1)
         ids = best_i if self.train.example_ids is None else self.train.example_ids[best_i]
         return TopK(best_i, best_s, ids)
-
-
-def _dev(x):
-    from .countsketch import _device_or_none
-
-    return _device_or_none(x)
 
 
 def influence(

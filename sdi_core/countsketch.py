@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import array_namespace, is_jax_namespace, is_numpy_namespace, is_torch_namespace
+from ._array import array_namespace, device_or_none as _device_or_none, is_jax_namespace, is_numpy_namespace, is_torch_namespace
 
 METHODS = ("auto", "portable", "native")
 
@@ -80,15 +80,6 @@ class HashTable:
         if key not in self._cache:
             self._cache[key] = HashTable(self.index[lo:hi], self.sign[lo:hi], self.m)
         return self._cache[key]
-
-
-def _device_or_none(x: Any):
-    try:
-        from array_api_compat import device
-
-        return device(x)
-    except Exception:  # jax tracers under jit have no committed device
-        return None
 
 
 def _asarray(xp, host: np.ndarray, dev):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-from ._array import array_namespace, float_dtype_for
+from ._array import array_namespace, device_or_none as _dev, float_dtype_for
 from .countsketch import HashTable, countsketch
 from .factors import FactorUse, SDIError
 from .specs import ParamSketchSpec, SketchPlan
@@ -87,12 +87,6 @@ def flat_to_features(flat, spec: ParamSketchSpec, lo: int = 0, hi: int | None = 
             parts.append(xp.zeros((b, numel - hi), dtype=flat.dtype, device=dev))
         return xp.concat(parts, axis=1)
     return countsketch(flat, spec.flat_table().subset(lo, hi), method=method)
-
-
-def _dev(x):
-    from .countsketch import _device_or_none
-
-    return _device_or_none(x)
 
 
 def outer_features(row_f, col_f, spec: ParamSketchSpec, *, row_range=None, route: str = "auto", method: str = "auto"):
