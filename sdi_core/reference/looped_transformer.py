@@ -613,27 +613,11 @@ def factors_to_gradients(
         infos: the parameters to materialise (canonical shapes and groups).
         steps: number of step slots per group, e.g. ``group_steps(config, tau)``.
     """
-    infos = {p.name: p for p in infos}
-    grads = {n: np.zeros((batch_size, steps[p.group], *p.shape)) for n, p in infos.items()}
-    for u in uses:
-        if u.param not in infos:
-            continue
-        g = np.asarray(u.grad_output, dtype=np.float64)
-        if u.kind == "linear":
-            contrib = np.einsum("bto,bti->boi", g, np.asarray(u.activation, dtype=np.float64))
-        elif u.kind == "bias":
-            contrib = g.sum(1)
-        elif u.kind == "scale":
-            contrib = (np.asarray(u.activation, dtype=np.float64) * g).sum(1)
-        elif u.kind == "embedding":
-            contrib = np.zeros((batch_size, *infos[u.param].shape))
-            ids = np.asarray(u.activation)
-            for b in range(batch_size):
-                np.add.at(contrib[b], ids[b], g[b])
-        else:  # dense
-            contrib = g
-        grads[u.param][:, u.step] += contrib
-    return grads
+    from .brute_force import per_step_gradients as _materialise
+
+    infos = list(infos)
+    names = {p.name for p in infos}
+    return _materialise([u for u in uses if u.param in names], infos, batch_size, steps)
 
 
 def per_step_gradients(
