@@ -1,0 +1,167 @@
+"""The NumPy reference backend: the protocol implemented with the exact float64 references.
+
+It passes every check (it *is* the reference), it is the worked example of
+``conformance/README.md``, and the deliberately broken backends of
+:mod:`sdi_conformance.fakes` derive from it.  Run the suite on it with::
+
+    python -m sdi_conformance sdi_conformance.numpy_backend:backend
+
+A framework backend looks the same: ``build`` turns the architecture
+description and canonical weights into a framework model, the other methods
+call the backend's public API and convert what it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import sdi_core
+from sdi_core import Checkpoint, CheckpointInfo, Features, SDIError, SketchPlan, sketch_uses
+
+from .models import ModelSpec, weights_fingerprint
+from .protocol import Capabilities
+
+__all__ = ["NumpyBackend", "NumpyModel", "backend"]
+
+
+class NumpyModel:
+    """What :meth:`NumpyBackend.build` returns: the spec, the current weights and some mutable state.
+
+    ``hooks`` and ``training`` mirror what a framework model carries (hooks
+    installed during a call, a train/eval flag), so that the broken backends
+    in :mod:`sdi_conformance.fakes` can leave them behind.
+    """
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], dtype: np.dtype):
+        self.spec = spec
+        self.weights = weights
+        self.dtype = dtype
+        self.hooks: list[str] = []
+        self.training = False
+
+
+class NumpyBackend:
+    """Implements :class:`sdi_conformance.Backend` with :mod:`sdi_core.reference` (float64, eager)."""
+
+    name = "numpy-reference"
+    version = sdi_core.__version__
+    capabilities = Capabilities(float64=True, jit=False, devices=("cpu",))
+
+    # ------------------------------------------------------------------ build
+    def build(self, spec: ModelSpec, *, dtype: str = "float64", device: str | None = None) -> NumpyModel:
+        if dtype not in ("float64", "float32"):
+            raise SDIError(f"build(dtype={dtype!r}): expected 'float64' or 'float32'.")
+        if device not in (None, *self.capabilities.devices):
+            raise SDIError(f"build(device={device!r}): this backend runs on {list(self.capabilities.devices)}.")
+        weights = self._check_weights(spec, spec.weights)
+        dt = np.dtype(dtype)
+        return NumpyModel(spec, {k: w.astype(dt) for k, w in weights.items()}, dt)
+
+    def _check_weights(self, spec: ModelSpec, weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate a weight dict against the spec; an error names the offending parameter."""
+        expected = {k: np.shape(w) for k, w in spec.weights.items()}
+        missing = [k for k in expected if k not in weights]
+        extra = [k for k in weights if k not in expected]
+        if missing or extra:
+            raise SDIError(
+                f"Weights do not match model {spec.name!r}: missing {missing}, unexpected {extra}. "
+                "Pass a checkpoint saved from this model (same parameter names)."
+            )
+        out = {}
+        for k, shape in expected.items():
+            w = np.array(weights[k], copy=True)
+            if w.shape != shape:
+                raise SDIError(f"Weight {k!r} has shape {w.shape}; model {spec.name!r} expects {shape}.")
+            out[k] = w
+        return out
+
+    def _check_selection(self, spec: ModelSpec, uses) -> None:
+        known = set(spec.weights)
+        unknown = [p.name for p in spec.params if p.name not in known]
+        if unknown:
+            raise SDIError(f"Selected parameters {unknown} are not parameters of model {spec.name!r}.")
+        used = {u.param for u in uses}
+        unused = [p.name for p in spec.params if p.name not in used]
+        if unused:
+            raise SDIError(
+                f"Selected parameters {unused} are never used in the forward pass of model {spec.name!r}; "
+                "deselect them."
+            )
+
+    # -------------------------------------------------------------- compute
+    def _uses(self, model: NumpyModel, batch, weights=None):
+        """Reference factors at ``weights`` (default: the model's), in the model's dtype."""
+        weights = model.weights if weights is None else weights
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN weights: the sketcher reports them by name
+            _, uses = model.spec.reference_factors(batch, {k: np.asarray(w, np.float64) for k, w in weights.items()})
+        self._check_selection(model.spec, uses)
+        for u in uses:
+            if u.grad_output is not None:
+                u.grad_output = u.grad_output.astype(model.dtype)
+            if u.activation is not None and u.kind != "embedding":
+                u.activation = u.activation.astype(model.dtype)
+        return uses
+
+    def factor_stream(self, model: NumpyModel, batch) -> list:
+        return self._uses(model, batch)
+
+    def featurize(
+        self,
+        model: NumpyModel,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        sketch,
+        checkpoints: Sequence[Checkpoint] | None = None,
+    ) -> Features:
+        spec = model.spec
+        plan = SketchPlan(sketch, spec.params)
+        batches = list(batches)
+        if not batches:
+            raise SDIError("featurize: no batches given; pass a non-empty list of batches.")
+        if checkpoints is None:
+            checkpoints = [Checkpoint(model.weights, eta=1.0, name="current")]
+        # A framework backend installs hooks here; the reference models them so the
+        # broken backends can forget to remove them.
+        model.hooks.append("capture")
+        try:
+            data, infos = [], []
+            for ckpt in checkpoints:
+                weights = self._check_weights(spec, ckpt.source)
+                blocks = []
+                for batch in batches:
+                    uses = self._uses(model, batch, weights)
+                    n = int(np.asarray(next(iter(batch.values()))).shape[0])
+                    blocks.append(sketch_uses(plan, uses, n, steps=dict(spec.steps)))
+                data.append({g: np.concatenate([b[g] for b in blocks], axis=0) for g in plan.group_names})
+                name = ckpt.name if ckpt.name is not None else weights_fingerprint(weights)
+                infos.append(CheckpointInfo(name, 1.0 if ckpt.eta is None else ckpt.eta, ckpt.step))
+        finally:
+            model.hooks.remove("capture")
+        n_total = data[0][plan.group_names[0]].shape[0]
+        return Features(data, plan.layout, tuple(infos), dict(spec.steps), example_ids=np.arange(n_total))
+
+    def per_step_gradients(self, model: NumpyModel, batch) -> dict[str, np.ndarray]:
+        uses = self._uses(model, batch)
+        b = int(np.asarray(next(iter(batch.values()))).shape[0])
+        from sdi_core.reference.looped_transformer import factors_to_gradients
+
+        grads = factors_to_gradients(uses, model.spec.params, b, dict(model.spec.steps))
+        return {k: g.astype(model.dtype) for k, g in grads.items()}
+
+    def full_gradients(self, model: NumpyModel, batch) -> dict[str, np.ndarray]:
+        return {k: g.sum(axis=1) for k, g in self.per_step_gradients(model, batch).items()}
+
+    # ----------------------------------------------------------- inspection
+    def parameters(self, model: NumpyModel) -> dict[str, np.ndarray]:
+        return {p.name: model.weights[p.name] for p in model.spec.params}
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def side_effect_probe(self, model: NumpyModel):
+        return (tuple(model.hooks), model.training)
+
+
+backend = NumpyBackend()
+"""The instance named by ``sdi_conformance.numpy_backend:backend``."""
