@@ -80,12 +80,14 @@ def parse_bytes(value: str | int) -> int:
 
 
 class _TopKMerger:
-    """Running top-k of every row of a score matrix seen in column blocks.
+    """Running top-k over train rows, for each of ``rows`` score columns (query slots).
 
-    Order: score descending (ascending when ``largest`` is False), then train
-    index ascending, exactly as :meth:`sdi_core.InfluenceResult.top_k`.
-    Scores are kept in the *key* space ``key = -score`` (largest) or
-    ``score``, so that "better" always means "smaller key".
+    Scores arrive in blocks ``[b, rows]`` (train rows of the block x query
+    slots), exactly as the scoring GEMM writes them.  Order: score
+    descending (ascending when ``largest`` is False), then train index
+    ascending, as :meth:`sdi_core.InfluenceResult.top_k`.  Scores are kept
+    in the *key* space ``key = -score`` (largest) or ``score``, so "better"
+    always means "smaller key".
     """
 
     def __init__(self, rows: int, k: int, largest: bool, dtype, merge_bytes: int) -> None:
@@ -99,19 +101,21 @@ class _TopKMerger:
 
     # -- public
     def update(self, scores: np.ndarray, offset: int) -> None:
-        """Merge ``scores [rows, b]`` of train columns ``offset .. offset + b``."""
-        b = scores.shape[1]
-        if b == 0:
-            return
-        if self.seen < self.k:
-            p = min(b, max(_PRIME_COLUMNS, self.k))
-            self._exact(scores[:, :p], offset)
-            self.seen += p
-            if p == b:
-                return
-            scores, offset, b = scores[:, p:], offset + p, b - p
-        self._filtered(scores, offset)
-        self.seen += b
+        """Merge ``scores [b, rows]`` of train rows ``offset .. offset + b``."""
+        b = scores.shape[0]
+        pos = 0
+        while pos < b:
+            if self.seen < self.k:
+                # Too few train rows seen for a threshold: merge a first chunk exactly.
+                n = min(b - pos, max(_PRIME_COLUMNS, self.k))
+                self._exact(scores[pos : pos + n], offset + pos)
+            else:
+                # Chunks at most a few times the rows seen so far keep the number of
+                # candidates per query slot small (about k * log(chunk / seen)).
+                n = min(b - pos, max(4 * self.seen, 4096))
+                self._filtered(scores[pos : pos + n], offset + pos)
+            self.seen += n
+            pos += n
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(indices [rows, k], scores [rows, k] float64)``, best first."""
@@ -126,65 +130,67 @@ class _TopKMerger:
         return self._mask[:size].reshape(shape)
 
     def _filtered(self, scores: np.ndarray, offset: int) -> None:
-        # A column can only enter a row's top-k if it beats the current k-th best
-        # strictly (ties go to the smaller index, which is already in).
-        kth = self.keys[:, self.k - 1 :]
+        # A train row can only enter a slot's top-k if it beats the current k-th
+        # best strictly (ties go to the smaller index, which is already in).
+        kth = self.keys[:, self.k - 1][None, :]
         mask = self._mask_buffer(scores.shape)
         if self.largest:
-            np.less(-kth, scores, out=mask)  # score > kth best score
+            np.less(-kth, scores, out=mask)  # score > k-th best score
         else:
             np.less(scores, kth, out=mask)
-        counts = np.count_nonzero(mask, axis=1)
-        cmax = int(counts.max()) if counts.size else 0
-        if cmax == 0:
+        flat = np.flatnonzero(mask)  # one pass; far faster than a 2-D nonzero
+        if flat.size == 0:
             return
+        train = flat // self.rows
+        slots = flat - train * self.rows
+        counts = np.bincount(slots, minlength=self.rows)
         live = np.flatnonzero(counts)
+        cmax = int(counts.max())
         width = self.k + cmax
         if len(live) * width * 24 > self.merge_bytes:
-            # Too many candidates for a padded merge (e.g. sorted input): exact merge in row chunks.
+            # Too many candidates for a padded merge (e.g. sorted input): exact merge in chunks.
             self._exact(scores, offset)
             return
-        rows, cols = np.nonzero(mask)
-        slot = np.searchsorted(live, rows)
+        by_slot = np.argsort(slots, kind="stable")  # slot-major, train rows ascending within a slot
+        train, slots = train[by_slot], slots[by_slot]
+        where = np.searchsorted(live, slots)
         first = np.cumsum(counts[live]) - counts[live]
-        pos = np.arange(rows.size) - first[slot]
+        pos = np.arange(slots.size) - first[where]
         keys = np.full((len(live), width), np.inf, dtype=self.dtype)
         index = np.full((len(live), width), np.iinfo(np.int64).max, dtype=np.int64)
         keys[:, : self.k] = self.keys[live]
         index[:, : self.k] = self.index[live]
-        vals = scores[rows, cols].astype(self.dtype, copy=False)
-        keys[slot, self.k + pos] = -vals if self.largest else vals
-        index[slot, self.k + pos] = cols + offset
+        vals = scores[train, slots].astype(self.dtype, copy=False)
+        keys[where, self.k + pos] = -vals if self.largest else vals
+        index[where, self.k + pos] = train + offset
         # Stable: current entries (smaller indices) first, then candidates by index.
         order = np.argsort(keys, axis=1, kind="stable")[:, : self.k]
         self.keys[live] = np.take_along_axis(keys, order, axis=1)
         self.index[live] = np.take_along_axis(index, order, axis=1)
 
     def _exact(self, scores: np.ndarray, offset: int) -> None:
-        """Merge all columns of ``scores`` exactly, in row chunks that fit the merge scratch memory."""
-        b = scores.shape[1]
+        """Merge all train rows of ``scores [b, rows]`` exactly, in slot chunks that fit the scratch memory."""
+        b = scores.shape[0]
         k = self.k
         width = k + b
         chunk = max(1, self.merge_bytes // (width * 20))
         for r0 in range(0, self.rows, chunk):
             r1 = min(self.rows, r0 + chunk)
-            s = scores[r0:r1].astype(self.dtype, copy=False)
+            s = scores[:, r0:r1].T.astype(self.dtype, copy=False)
             keys = np.concatenate([self.keys[r0:r1], -s if self.largest else s], axis=1)
-            kk = min(k, width)
-            kth = np.partition(keys, kk - 1, axis=1)[:, kk - 1 : kk]
+            kth = np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
             better = keys < kth
-            need = kk - np.count_nonzero(better, axis=1)
+            need = k - np.count_nonzero(better, axis=1)
             tie = keys == kth
             # Among ties with the k-th key keep the leftmost (smallest train index) ones.
             take = better | (tie & (np.cumsum(tie, axis=1, dtype=np.int32) <= need[:, None]))
-            _, pos = np.nonzero(take)
-            pos = pos.reshape(r1 - r0, kk)
+            pos = (np.flatnonzero(take) % width).reshape(r1 - r0, k)
             sel = np.take_along_axis(keys, pos, axis=1)
             old = np.take_along_axis(self.index[r0:r1], np.minimum(pos, k - 1), axis=1)
             idx = np.where(pos < k, old, pos - k + offset)
             order = np.argsort(sel, axis=1, kind="stable")
-            self.keys[r0:r1, :kk] = np.take_along_axis(sel, order, axis=1)
-            self.index[r0:r1, :kk] = np.take_along_axis(idx, order, axis=1)
+            self.keys[r0:r1] = np.take_along_axis(sel, order, axis=1)
+            self.index[r0:r1] = np.take_along_axis(idx, order, axis=1)
 
 
 def _topk_order(scores: np.ndarray, index: np.ndarray, k: int, largest: bool) -> np.ndarray:
@@ -623,6 +629,7 @@ def score_store(
     tmp_buf = np.empty(max(cols_of.values()) * bi_max, dtype=cdt) if need_tile and K > 1 else None
     tot_buf = np.empty(nq * bi_max, dtype=cdt) if (want_total or "tracin" in dense) else None
     work_buf = np.empty(max(widths.values()) * bi_max, dtype=cdt) if convert else None
+    step_ones = {s: np.ones(s, dtype=cdt) for s in set(q_steps.values())}
 
     slot_mergers = {g: _TopKMerger(cols_of[g], k, largest, cdt, plan.merge_bytes) for g in groups} if want_slots else {}
     total_merger = _TopKMerger(nq, k, largest, cdt, plan.merge_bytes) if want_total else None
@@ -653,17 +660,18 @@ def score_store(
             bi = i1 - i0
             r0, r1 = i0 - start, i1 - start
             t_norms = _norms(blocks, groups, cdt) if normalize == "cosine" else None
-            tiles = {g: tile_buf[g][: cols_of[g] * bi].reshape(cols_of[g], bi) for g in tile_buf}
+            # tiles[g][i, (j, t)]: train row i against query j at step t of group g.
+            tiles = {g: tile_buf[g][: bi * cols_of[g]].reshape(bi, cols_of[g]) for g in tile_buf}
             for kk in range(K):
                 for g in groups:
                     arr = np.asarray(blocks[kk][g])
                     if need_tile:
                         T = _summed_rows(arr, cdt, work_buf, bi, t_norms[kk] if t_norms is not None else None)
                         if kk == 0:
-                            np.matmul(Q[kk][g], T.T, out=tiles[g])
+                            np.matmul(T, Q[kk][g].T, out=tiles[g])
                         else:
-                            tmp = tmp_buf[: cols_of[g] * bi].reshape(cols_of[g], bi)
-                            np.matmul(Q[kk][g], T.T, out=tmp)
+                            tmp = tmp_buf[: bi * cols_of[g]].reshape(bi, cols_of[g])
+                            np.matmul(T, Q[kk][g].T, out=tmp)
                             tiles[g] += tmp
                     if per_step_dense:
                         _per_step_dense(arr, kk, g, Q, Qsum, out, r0, r1, nq, q_steps[g], tr.steps[g],
@@ -673,20 +681,22 @@ def score_store(
                     if want_slots:
                         slot_mergers[g].update(tiles[g], i0)
                     if "trajectory" in dense:
-                        view = tiles[g].reshape(nq, q_steps[g], bi)
-                        out["trajectory"][r0:r1, :, q_slot0[g] : q_slot0[g] + q_steps[g]] = view.transpose(2, 0, 1)
+                        sl = slice(q_slot0[g], q_slot0[g] + q_steps[g])
+                        out["trajectory"][r0:r1, :, sl] = tiles[g].reshape(bi, nq, q_steps[g])
                 if tot_buf is not None:
-                    tot = tot_buf[: nq * bi].reshape(nq, bi)
+                    # Sum over steps as a matrix-vector product: far faster than a short last-axis reduction.
+                    tot = tot_buf[: bi * nq].reshape(bi, nq)
                     for n, g in enumerate(groups):
-                        view = tiles[g].reshape(nq, q_steps[g], bi)
+                        view = tiles[g].reshape(bi, nq, q_steps[g])
+                        ones = step_ones[q_steps[g]]
                         if n == 0:
-                            np.sum(view, axis=1, out=tot)
+                            np.matmul(view, ones, out=tot)
                         else:
-                            tot += view.sum(axis=1)
+                            tot += np.matmul(view, ones)
                     if total_merger is not None:
                         total_merger.update(tot, i0)
                     if "tracin" in dense:
-                        out["tracin"][r0:r1] = tot.T
+                        out["tracin"][r0:r1] = tot
             if bar is not None:
                 bar.update(bi)
     finally:
