@@ -1,0 +1,326 @@
+"""``sdi_torch.Attributor``: per-step features of any looped PyTorch model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdi_core import Checkpoint, CheckpointInfo, Exact, Features, SDIError, SketchPlan, StreamingSketcher, TensorSketch
+
+from .capture import FactorCapture
+from .selection import LOOP, Selection, resolve_selection
+
+__all__ = ["Attributor", "load_checkpoint", "weights_hash"]
+
+
+class Attributor:
+    """Step-decomposed features of a looped PyTorch model, one batch at a time.
+
+    Example::
+
+        attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=per_example_loss,
+                                    sketch=sdi_core.TensorSketch(dim=4096, seed=0),
+                                    groups={"prelude": [model.tok_emb], "coda": [model.head]})
+        train = attr.featurize(train_batches, checkpoints=ckpts)   # sdi_core.Features
+        query = attr.featurize(query_batches, checkpoints=ckpts)
+        res = sdi_core.influence(train, query)   # res.trajectory [N_train, N_query, S_query]
+
+    Args:
+        model: any ``nn.Module``.
+        loop: what the loop steps are made of.
+
+            - a module (``model.block``), or a list of modules: a step is one
+              call of that module, and every use of one of its parameters
+              inside that call belongs to that step, however many times the
+              body uses it.  Several modules must be called equally often
+              (e.g. ``[model.attn, model.mlp]`` called once per step each).
+            - parameters (or dotted names) only: the ``k``-th use of each
+              parameter is step ``k``; all of them must be used equally often.
+            - a mix: parameters outside the modules (a weight the body borrows
+              from another module) are counted in the steps of the module
+              call they are used in.
+
+            The loop parameters form the group ``"loop"`` with one slot per step.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``: per-example losses
+            (not their mean).  Rows must be independent (no batch norm in
+            train mode).
+        sketch: :class:`sdi_core.TensorSketch` (default ``dim=4096, seed=0``) or
+            :class:`sdi_core.Exact`.
+        groups: parameters used outside the loop, each group one extra slot
+            (step 0), e.g. ``{"prelude": [model.tok_emb, model.pos_emb],
+            "coda": [model.ln_f, model.head]}`` (modules, parameters or dotted
+            names).  A tied embedding/unembedding goes in one group; both its
+            uses land in that group's slot.
+        train_mode: featurise in train mode (dropout on).  Default False: a
+            model in train mode is switched to eval mode for featurisation,
+            with a warning, and switched back afterwards.
+        batch_size: callable ``batch -> B`` (or an int), used only when a use
+            does not depend on the batch (e.g. ``pos_emb(arange(T))``) and
+            the leading size of the first tensor in the batch is not ``B``.
+        progress: show tqdm progress bars over checkpoints and batches.
+
+    Attributes:
+        selection: the resolved parameters (``.infos``: ``ParamInfo`` list).
+        plan: the :class:`sdi_core.SketchPlan` (layout and sketch specs).
+
+    Canonical shapes are the stored shapes (``nn.Linear``: ``(d_out, d_in)``).
+    Nothing is left behind on the model: hooks are removed and parameters,
+    ``requires_grad`` flags, ``.grad`` and train/eval mode are restored on
+    exit, even on error.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loop: Any,
+        loss_fn: Callable,
+        sketch: TensorSketch | Exact | None = None,
+        *,
+        groups: Mapping[str, Any] | None = None,
+        train_mode: bool = False,
+        batch_size: Callable | int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not callable(loss_fn):
+            raise SDIError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {type(loss_fn).__name__}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.sketch = TensorSketch(dim=4096, seed=0) if sketch is None else sketch
+        self.selection: Selection = resolve_selection(model, loop, groups)
+        self.plan = SketchPlan(self.sketch, self.selection.infos)
+        self.train_mode = bool(train_mode)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def __repr__(self) -> str:
+        return f"Attributor({type(self.model).__name__}, {self.plan!r})"
+
+    @property
+    def params(self):
+        """The selected parameters as ``sdi_core.ParamInfo`` (layout order)."""
+        return list(self.selection.infos)
+
+    # ------------------------------------------------------------------ featurize
+    def featurize(
+        self,
+        batches: Iterable,
+        checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
+        *,
+        steps: int | None = None,
+        example_ids: Sequence[int] | None = None,
+        progress: bool | None = None,
+    ) -> Features:
+        """Per-step features of every example of ``batches`` at every checkpoint.
+
+        Args:
+            batches: an iterable of batches (anything ``loss_fn`` accepts);
+                re-iterated once per checkpoint (an iterator is materialised
+                into a list when there are several checkpoints).
+            checkpoints: :class:`sdi_core.Checkpoint` list; ``source`` is a
+                path (``torch.load(weights_only=True)``; a dict holding
+                ``"state_dict"`` or ``"model"`` plus optional ``"lr"`` and
+                ``"step"``, whose ``lr`` is the default ``eta``) or a
+                ``state_dict``.  None: the current weights with ``eta = 1``.
+                Weights are loaded into the model and restored afterwards.
+            steps: pad every batch's loop axis to this many steps (default:
+                the most steps any batch ran).
+            example_ids: optional integer ids, one per example.
+            progress: override the Attributor's ``progress``.
+
+        Returns:
+            :class:`sdi_core.Features`: per checkpoint, ``{group: [N, S_g, D_g]}``
+            torch tensors (float32, or float64 for float64 models).
+
+        Raises:
+            SDIError: a loss of the wrong shape, NaN/inf losses or gradients
+                (naming the batch and the parameter), checkpoint keys that do
+                not match the model, a loop selection never used or used
+                unevenly, an operation the capture does not understand.
+        """
+        show = self.progress if progress is None else progress
+        ckpts = _checkpoint_list(checkpoints)
+        if ckpts is not None and len(ckpts) > 1 and iter(batches) is batches:
+            batches = list(batches)
+        model = self.model
+        modes = {m: m.training for m in model.modules()}
+        original = None
+        infos: list[CheckpointInfo] = []
+        per_ckpt: list[list[tuple[dict, dict]]] = []
+        if model.training and not self.train_mode:
+            warnings.warn(
+                "The model is in train mode; featurising in eval mode (dropout off) and restoring train mode "
+                "afterwards. Pass train_mode=True to featurise in train mode.",
+                stacklevel=2,
+            )
+        from tqdm.auto import tqdm
+
+        try:
+            if not self.train_mode:
+                model.eval()
+            if ckpts is not None:
+                original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            ck_iter = [None] if ckpts is None else ckpts
+            bar = tqdm(ck_iter, desc="checkpoints", unit="ckpt", disable=not show or len(ck_iter) < 2, leave=False)
+            with FactorCapture(model, self.selection, batch_size=self.batch_size) as cap:
+                for ck in bar:
+                    if ck is None:
+                        infos.append(CheckpointInfo(weights_hash(model.state_dict()), 1.0, None))
+                    else:
+                        infos.append(load_checkpoint(model, ck))
+                    rows = []
+                    for bi, batch in enumerate(tqdm(batches, desc="batches", unit="batch", disable=not show,
+                                                    leave=False)):
+                        rows.append(self._featurize_batch(cap, batch, bi, infos[-1].id))
+                    if not rows:
+                        raise SDIError("featurize got no batches; pass a non-empty iterable of batches.")
+                    per_ckpt.append(rows)
+        finally:
+            if original is not None:
+                model.load_state_dict(original)
+            for m, flag in modes.items():
+                m.training = flag
+        return self._assemble(per_ckpt, infos, steps, example_ids)
+
+    def _featurize_batch(self, cap: FactorCapture, batch, index: int, ckpt_id: str):
+        box: dict = {}
+
+        def on_loss(loss):
+            if not bool(torch.isfinite(loss).all()):
+                bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
+                raise SDIError(
+                    f"Batch {index} (checkpoint {ckpt_id!r}): the loss is NaN or inf for examples {bad[:10]} "
+                    "(positions in the batch). Check those inputs and the checkpoint's weights."
+                )
+            box["sketcher"] = StreamingSketcher(self.plan, int(loss.shape[0]))
+
+        def on_use(use):
+            box["sketcher"].add(use)
+
+        try:
+            res = cap.run(self.loss_fn, batch, on_use, on_loss)
+            feats = box["sketcher"].finalize(res["steps"])
+        except SDIError as exc:
+            msg = str(exc)
+            if msg.startswith("Non-finite"):
+                raise SDIError(f"Batch {index} (checkpoint {ckpt_id!r}): {msg}") from None
+            raise
+        return feats, res["steps"]
+
+    def _assemble(self, per_ckpt, infos, steps_opt, example_ids) -> Features:
+        groups = [g.name for g in self.plan.layout.groups]
+        steps = {g: 1 for g in groups}
+        for rows in per_ckpt:
+            for _, st in rows:
+                for g in groups:
+                    steps[g] = max(steps[g], st[g])
+        if steps_opt is not None and LOOP in steps:
+            if steps[LOOP] > int(steps_opt):
+                raise SDIError(f"featurize(steps={steps_opt}): a batch ran {steps[LOOP]} loop steps; pass at least that.")
+            steps[LOOP] = int(steps_opt)
+        data = []
+        for rows in per_ckpt:
+            block = {}
+            for g in groups:
+                parts = [_pad_steps(f[g], steps[g]) for f, _ in rows]
+                block[g] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+            data.append(block)
+        ids = None if example_ids is None else np.asarray(example_ids)
+        return Features(data=data, layout=self.plan.layout, checkpoints=tuple(infos), steps=steps, example_ids=ids,
+                        meta={"backend": "torch"})
+
+
+def _pad_steps(x: torch.Tensor, s: int) -> torch.Tensor:
+    if x.shape[1] == s:
+        return x
+    pad = x.new_zeros((x.shape[0], s - x.shape[1], x.shape[2]))
+    return torch.cat([x, pad], 1)
+
+
+def _checkpoint_list(checkpoints) -> list[Checkpoint] | None:
+    if checkpoints is None:
+        return None
+    if isinstance(checkpoints, Checkpoint):
+        return [checkpoints]
+    out = list(checkpoints)
+    if not out:
+        raise SDIError("checkpoints is empty; pass None for the current weights or a list of sdi_core.Checkpoint.")
+    for c in out:
+        if not isinstance(c, Checkpoint):
+            raise SDIError(
+                f"checkpoints must be sdi_core.Checkpoint(source, eta=...) objects, got {type(c).__name__}."
+            )
+    return out
+
+
+def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """A short, deterministic hash of a state dict's names and values."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+    return "weights:" + h.hexdigest()[:16]
+
+
+def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> CheckpointInfo:
+    """Load ``ckpt`` into ``model`` and return its identity and eta (see :meth:`Attributor.featurize`)."""
+    src = ckpt.source
+    path = None
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.exists(path):
+            raise SDIError(f"Checkpoint file {path!r} does not exist.")
+        try:
+            src = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SDIError(
+                f"Checkpoint {path!r} could not be loaded with torch.load(weights_only=True): {exc}. Save a "
+                "state_dict (or a dict of tensors and numbers) with torch.save."
+            ) from None
+    if not isinstance(src, Mapping):
+        raise SDIError(
+            f"Checkpoint source must be a path or a state_dict (a mapping of names to tensors), got {type(src).__name__}."
+        )
+    lr = src.get("lr") if not isinstance(src.get("lr"), torch.Tensor) else float(src["lr"])
+    step = src.get("step")
+    state = src
+    for key in ("state_dict", "model"):
+        if isinstance(src.get(key), Mapping):
+            state = src[key]
+            break
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise SDIError(
+            f"Checkpoint {ckpt.name or path or '(state_dict)'} does not match the model: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}. Save it with model.state_dict() of this architecture "
+            "(strip prefixes such as 'module.' from DataParallel)."
+        )
+    for k, v in expected.items():
+        got = state[k]
+        if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(v.shape):
+            raise SDIError(f"Checkpoint tensor {k!r} has shape {tuple(got.shape)}, the model expects {tuple(v.shape)}.")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    eta = ckpt.eta
+    if eta is None:
+        eta = float(lr) if isinstance(lr, (int, float)) and lr > 0 else 1.0
+    ck_id = ckpt.name or path or weights_hash(state)
+    if ckpt.step is not None:
+        step = ckpt.step
+    elif isinstance(step, torch.Tensor):
+        step = int(step)
+    return CheckpointInfo(ck_id, float(eta), None if step is None else int(step))
