@@ -196,7 +196,8 @@ def _features_np(ctx: _Ctx, feats: Features) -> list[dict[str, np.ndarray]]:
 
 
 def _compare_features(ctx: _Ctx, got: Features, want: Sequence[Mapping[str, np.ndarray]], call: str, what: str,
-                      rtol: float | None = None, exact: bool = False) -> None:
+                      rtol: float | None = None, exact: bool = False,
+                      against: str = "the float64 NumPy reference") -> None:
     got_np = _features_np(ctx, got)
     for k, block in enumerate(want):
         for g, arr in block.items():
@@ -204,7 +205,8 @@ def _compare_features(ctx: _Ctx, got: Features, want: Sequence[Mapping[str, np.n
             if exact:
                 assert_equal_arrays(got_np[k][g], arr, call=call, what=label)
             else:
-                assert_close(got_np[k][g], arr, rtol=ctx.rtol if rtol is None else rtol, call=call, what=label)
+                assert_close(got_np[k][g], arr, rtol=ctx.rtol if rtol is None else rtol, call=call, what=label,
+                             against=against)
 
 
 def _reference_features(spec: ModelSpec, plan: SketchPlan, batches, weights_list) -> list[dict[str, np.ndarray]]:
@@ -383,7 +385,8 @@ def check_per_step_gradients(backend, model: str = "looped_transformer") -> None
                      hint="entry [b, s] is d loss_b / d w^(s), the copy of the weight used at step s")
         if ps.shape == want_ps[p.name].shape:
             assert_close(ps.sum(axis=1), fu, rtol=ctx.rtol, call=f"{call_ps} summed over steps, vs {call_full}",
-                         what=f"sum over steps of the per-step gradients of {p.name!r} equal to its tied gradient")
+                         what=f"sum over steps of the per-step gradients of {p.name!r}",
+                         against="the backend's gradient of the tied weight (full_gradients)")
         assert_close(fu, want_full[p.name], rtol=ctx.rtol, call=call_full,
                      what=f"per-example gradient of the tied weight {p.name!r} [B, *{p.shape}]")
 
@@ -447,10 +450,11 @@ def check_tracin_conservation(backend, model: str = "looped_transformer") -> Non
             tied += etas[k] * f_tr[p.name].reshape(4, -1) @ f_q[p.name].reshape(3, -1).T
     assert_close(traj, ref["trajectory"], rtol=ctx.rtol, call=call,
                  what="query-step trajectory [N_train, N_query, slots] (Exact features)")
-    assert_close(traj.sum(axis=-1), tied, rtol=ctx.rtol, call=call,
-                 what="trajectory summed over query slots, vs TracIn of the tied per-example gradients",
+    assert_close(traj.sum(axis=-1), tied, rtol=ctx.rtol, call=call, what="trajectory summed over query slots",
+                 against="TracIn of the reference's tied per-example gradients",
                  hint="a use missing from the features (a dropped bias, a skipped step) breaks conservation")
-    assert_close(tracin, tied, rtol=ctx.rtol, call=call, what="TracIn [N_train, N_query]")
+    assert_close(tracin, tied, rtol=ctx.rtol, call=call, what="TracIn [N_train, N_query]",
+                 against="TracIn of the reference's tied per-example gradients")
     sketch = TensorSketch(SKETCH_DIM, seed=3)
     tr_s = ctx.featurize(handle, [train_b], sketch, ckpts)
     q_s = ctx.featurize(handle, [query_b], sketch, ckpts)
@@ -458,7 +462,8 @@ def check_tracin_conservation(backend, model: str = "looped_transformer") -> Non
     traj_s = ctx.np(res_s.trajectory, "trajectory")
     assert_close(traj_s.sum(axis=-1), ctx.np(res_s.tracin, "tracin"), rtol=ctx.rtol,
                  call=call.replace("Exact()", _sketch_text(sketch)),
-                 what="sketched trajectory summed over query slots, vs sketched TracIn (conservation per draw)")
+                 what="sketched trajectory summed over query slots",
+                 against="the sketched TracIn (conservation holds per sketch draw)")
 
 
 def check_batch_split_invariance(backend, model: str = "looped_transformer") -> None:
@@ -485,7 +490,8 @@ def check_batch_split_invariance(backend, model: str = "looped_transformer") -> 
         call = ctx.call(how) + f", compared with {call_whole}"
         if got.n_examples != BATCH:
             fail(call, f"{BATCH} examples", f"{got.n_examples}")
-        _compare_features(ctx, got, want, call, "features of the split batch vs the whole batch")
+        _compare_features(ctx, got, want, call, "features of the split batch",
+                          against="the whole batch's features")
     # And the whole batch must itself be right (a batch-mean loss scales every row by 1/B).
     plan = SketchPlan(sketch, spec.params)
     _compare_features(ctx, whole, _reference_features(spec, plan, [batch], [spec.weights]), call_whole,
@@ -522,7 +528,7 @@ def check_no_side_effects(backend, model: str = "looped_transformer") -> None:
         return params, probe, _numpy_global_state()
 
     nan_w = spec.copy_weights()
-    first = spec.params[0].name
+    first = next(p.name for p in spec.params if p.group == "loop")  # always used, so the NaN reaches the loss
     nan_w[first] = nan_w[first].copy()
     nan_w[first].flat[0] = np.nan
     calls: list[tuple[str, Callable[[], Any], bool]] = [
@@ -574,8 +580,8 @@ def check_repeat_calls_identical(backend, model: str = "looped_transformer") -> 
     first = ctx.featurize(handle, [batch], sketch)
     second = ctx.featurize(handle, [batch], sketch)
     call = ctx.call(f"backend.featurize(handle, [batch of {BATCH}], {_sketch_text(sketch)}) twice")
-    _compare_features(ctx, second, _features_np(ctx, first), call, "features of the second call vs the first",
-                      rtol=rtol, exact=exact)
+    _compare_features(ctx, second, _features_np(ctx, first), call, "features of the second call",
+                      rtol=rtol, exact=exact, against="the first call's")
     text = "backend.factor_stream(handle, batch)"
     a = _uses_np(ctx, ctx.invoke(text, backend.factor_stream, handle, batch), ctx.call(text))
     b = _uses_np(ctx, ctx.invoke(text, backend.factor_stream, handle, batch), ctx.call(text))
@@ -592,7 +598,7 @@ def check_repeat_calls_identical(backend, model: str = "looped_transformer") -> 
             if exact:
                 assert_equal_arrays(y, x, call=call, what=f"{field} of use {i} ({u.param!r}, step {u.step})")
             else:
-                assert_close(y, x, rtol=rtol, call=call, what=f"{field} of use {i}")
+                assert_close(y, x, rtol=rtol, call=call, what=f"{field} of use {i}", against="the first call's")
 
 
 def check_float64(backend, model: str = "looped_transformer") -> None:
@@ -658,7 +664,8 @@ def check_jit_matches_eager(backend, model: str = "looped_transformer") -> None:
         _check_features_structure(ctx, jitted, plan, sum(_n(b) for b in batches), len(ckpts), call)
         if [c.id for c in jitted.checkpoints] != [c.id for c in eager.checkpoints]:
             fail(call, f"checkpoint ids {[c.id for c in eager.checkpoints]}", f"{[c.id for c in jitted.checkpoints]}")
-        _compare_features(ctx, jitted, _features_np(ctx, eager), call, "jitted features vs eager features")
+        _compare_features(ctx, jitted, _features_np(ctx, eager), call, "jitted features",
+                          against="the eager features")
 
 
 def check_devices_agree(backend, model: str = "looped_mlp") -> None:
@@ -675,7 +682,8 @@ def check_devices_agree(backend, model: str = "looped_mlp") -> None:
         feats = ctx.featurize(handle, [batch], sketch)
         call = ctx.call(f"backend.featurize(handle, [batch of {BATCH}], {_sketch_text(sketch)})") + \
             f", compared with device {devices[0]!r}"
-        _compare_features(ctx, feats, want, call, f"features on {dev!r} vs {devices[0]!r}")
+        _compare_features(ctx, feats, want, call, f"features on {dev!r}",
+                          against=f"the features on {devices[0]!r}")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -38,7 +38,8 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if np.isscalar(v) and np.isreal(v) else repr(v)
 
 
-def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | None = None) -> None:
+def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | None = None,
+                 against: str = "the float64 NumPy reference") -> None:
     """``|got - want| <= rtol * max|want|`` elementwise (NumPy arrays), shapes equal, all finite.
 
     Args:
@@ -47,6 +48,7 @@ def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | No
         rtol: tolerance relative to the largest reference magnitude.
         call: what was called, with what (for the message).
         what: what the arrays are, e.g. ``"grad_output of use 3 ('block.fc.weight', step 1)"``.
+        against: what ``want`` is, for the message.
     """
     got = np.asarray(got)
     want = np.asarray(want)
@@ -70,7 +72,7 @@ def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | No
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
         fail(
             call,
-            f"{what} equal to the float64 NumPy reference within {rtol:g} x max|expected| = {rtol * scale:.3g}",
+            f"{what} equal to {against} within {rtol:g} x max|expected| = {rtol * scale:.3g}",
             f"max abs diff {worst:.3g} at index {idx} (got {_fmt(g[idx])}, expected {_fmt(w[idx])}); "
             f"max|expected| = {scale:.3g}, {int((diff > rtol * scale).sum())} of {diff.size} entries off",
             hint,
