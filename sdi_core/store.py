@@ -810,6 +810,8 @@ def write_features(
     if os.path.exists(root) and os.listdir(root):
         raise SDIError(f"write_features: {root!r} exists and is not empty; choose a new directory.")
     dt = _check_dtype(dtype)
+    if not isinstance(features, Features):
+        raise SDIError(f"write_features: expected sdi_core.Features, got {type(features).__name__}.")
     summed = features.summed if summed is None else bool(summed)
     f = _prepare(features, summed, dt, "write_features")
     os.makedirs(os.path.join(root, _SHARDS), exist_ok=True)
