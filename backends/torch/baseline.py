@@ -53,9 +53,11 @@ def _count_calls(model: nn.Module, modules: Sequence[nn.Module], loss_fn: Callab
     finally:
         for h in handles:
             h.remove()
-    counts = set(calls.values())
+    counts = {c for c in calls.values() if c > 0}  # uncalled modules only lend weights to the body
     if len(counts) != 1:
-        raise SDIError(f"untied_baseline: the loop modules are called different numbers of times ({list(calls.values())}).")
+        raise SDIError(
+            f"untied_baseline: the loop modules must be called (equally often); call counts {list(calls.values())}."
+        )
     return counts.pop()
 
 

@@ -305,13 +305,12 @@ class BatchCapture:
     def _step(self, name: str, opname: str) -> int:
         group = self.group[name]
         self.group_uses[group] += 1
+        k = self.use_count[name]
+        self.use_count[name] = k + 1
         if group != LOOP:
             return 0
         if self.sel.loop_by_uses:
-            k = self.use_count[name]
-            self.use_count[name] = k + 1
             return k
-        self.use_count[name] += 1
         stack = self.owner._stack
         if not stack:
             raise SDIError(
@@ -1076,15 +1075,16 @@ class FactorCapture:
                     )
                 steps[LOOP] = next(iter(counts.values()))
             else:
-                calls = {type(m).__name__ + f"#{i}": self._calls.get(m, 0) for i, m in enumerate(sel.loop_modules)}
-                if all(c == 0 for c in calls.values()):
+                calls = {f"{type(m).__name__}#{i}": self._calls.get(m, 0) for i, m in enumerate(sel.loop_modules)}
+                called = {k: c for k, c in calls.items() if c > 0}  # uncalled modules only lend weights
+                if not called:
                     raise SDIError(
                         f"The loop module(s) {list(calls)} are never called in the forward pass. Pass the module "
                         "that the model calls once per loop step (and call it as module(x), not module.forward(x))."
                     )
-                if len(set(calls.values())) > 1:
+                if len(set(called.values())) > 1:
                     raise SDIError(
-                        f"The loop modules are called different numbers of times ({calls}); a loop step is one call, "
+                        f"The loop modules are called different numbers of times ({called}); a loop step is one call, "
                         "so pass a single module per step (or modules called once per step each)."
                     )
                 if st.group_uses.get(LOOP, 0) == 0:
@@ -1092,7 +1092,14 @@ class FactorCapture:
                         "The loop module is called, but none of its parameters is used with gradients enabled. "
                         "Check the loop selection."
                     )
-                steps[LOOP] = next(iter(calls.values()))
+                steps[LOOP] = next(iter(called.values()))
+        unused = [n for n in sel.params if st.use_count[n] == 0]
+        if unused:
+            raise SDIError(
+                f"Selected parameter(s) {unused[:8]}{' ...' if len(unused) > 8 else ''} are never used (with "
+                "gradients enabled) in the forward pass of this batch. Leave them out of the selection (select "
+                "parameters or submodules instead of the whole module)."
+            )
         for g in sel.groups:
             if g != LOOP and st.group_uses.get(g, 0) == 0:
                 raise SDIError(
