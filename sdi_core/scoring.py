@@ -441,7 +441,7 @@ def plan_blocks(
     tile = cols * tile_itemsize * (2 if n_checkpoints > 1 else 1) + query_rows * tile_itemsize
     mask = cols + query_rows
     per_row = train_row_bytes + work_row_bytes + tile + mask + dense_row_bytes
-    merge = int(min(_MERGE_BYTES_MAX, max(1 << 20, budget // 16)))
+    merge = int(min(_MERGE_BYTES_MAX, max(256 << 10, budget // 16)))
     avail = budget - fixed_bytes - merge
     rows = avail // per_row if avail > 0 else 0
     if rows < 1:
@@ -730,6 +730,7 @@ def score_store(
         largest=bool(largest),
         block_rows=bi_max,
         meta={"budget": plan.budget, "bytes_per_row": plan.bytes_per_row, "fixed_bytes": plan.fixed_bytes,
+              "merge_bytes": plan.merge_bytes,
               "dtype": cdt.name, "normalize": normalize},
         **out,
     )
