@@ -39,7 +39,7 @@ def _fmt(v) -> str:
 
 
 def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | None = None,
-                 against: str = "the float64 NumPy reference") -> None:
+                 against: str = "the float64 NumPy reference", floor: float = _SCALE_FLOOR) -> None:
     """``|got - want| <= rtol * max|want|`` elementwise (NumPy arrays), shapes equal, all finite.
 
     Args:
@@ -49,6 +49,10 @@ def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | No
         call: what was called, with what (for the message).
         what: what the arrays are, e.g. ``"grad_output of use 3 ('block.fc.weight', step 1)"``.
         against: what ``want`` is, for the message.
+        floor: the smallest scale the tolerance is relative to: pass a fraction
+            of the largest magnitude among related arrays when ``want`` may be
+            exactly zero in exact arithmetic (e.g. the gradient of an attention
+            key bias, which softmax makes 0 up to rounding).
     """
     got = np.asarray(got)
     want = np.asarray(want)
@@ -65,7 +69,7 @@ def assert_close(got, want, *, rtol: float, call: str, what: str, hint: str | No
         fail(call, f"{what}: finite values", f"{int(bad.sum())} non-finite values, first at index {idx} ({g[idx]})",
              hint)
     w = want.astype(np.float64)
-    scale = max(float(np.max(np.abs(w))), _SCALE_FLOOR)
+    scale = max(float(np.max(np.abs(w))), floor)
     diff = np.abs(g - w)
     worst = float(diff.max())
     if worst > rtol * scale:

@@ -34,9 +34,10 @@ Two architecture families (``spec.arch["family"]``):
         loss_b = -log_softmax(logits_b)[y_b]
 
     with ``fc(v) = v @ weight^T + bias``.  When ``unused_param`` is true the
-    loop body also owns ``block.unused.weight (d_hidden, d_hidden)``, which
-    the forward pass never uses (it exists to test the "selected parameter is
-    never used" error).  Batches: ``x`` float64 ``[B, d_in]``, ``y`` int64 ``[B]``.
+    model also owns ``unused.weight (d_hidden, d_hidden)`` (registered last),
+    which the forward pass never uses: selected as a group of its own, it
+    tests the "selection never used" error.  Batches: ``x`` float64
+    ``[B, d_in]``, ``y`` int64 ``[B]``.
 
 The canonical models (:data:`CANONICAL_MODELS`):
 
@@ -150,15 +151,16 @@ class ModelSpec:
         return {k: np.array(w, copy=True) for k, w in self.weights.items()}
 
     def with_unused_parameter(self) -> "ModelSpec":
-        """This (looped_mlp-family) model with an extra loop parameter that the forward pass never uses."""
+        """This (looped_mlp-family) model plus ``unused.weight``, never used by the forward pass,
+        selected as a group of its own (``"unused"``, one slot)."""
         if self.family != "looped_mlp":
             raise SDIError(f"with_unused_parameter needs a looped_mlp-family model, got {self.name!r}.")
         arch = dict(self.arch, unused_param=True)
         d = arch["d_hidden"]
         weights = dict(self.copy_weights())
-        weights["block.unused.weight"] = np.random.default_rng(5).standard_normal((d, d)) / math.sqrt(d)
-        params = self.params + (ParamInfo("block.unused.weight", (d, d), "loop"),)
-        return dataclasses.replace(self, arch=arch, weights=weights, params=params)
+        weights["unused.weight"] = np.random.default_rng(5).standard_normal((d, d)) / math.sqrt(d)
+        params = self.params + (ParamInfo("unused.weight", (d, d), "unused"),)
+        return dataclasses.replace(self, arch=arch, weights=weights, params=params, steps=dict(self.steps, unused=1))
 
     def without_params(self, names) -> "ModelSpec":
         """This model with a smaller selection (every parameter except ``names``)."""
@@ -180,7 +182,7 @@ class ModelSpec:
         a = self.arch
         return (
             f"{self.name!r} (looped MLP, body {a['body']}: d_in={a['d_in']}, d_hidden={a['d_hidden']}, "
-            f"tau={a['tau']}{', with an unused parameter' if a.get('unused_param') else ''})"
+            f"tau={a['tau']}{', with an unused parameter unused.weight' if a.get('unused_param') else ''})"
         )
 
     # -------------------------------------------------------- references
@@ -242,9 +244,9 @@ def mlp_param_shapes(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes.update({"block.fc.weight": (d, d), "block.fc.bias": (d,)})
     else:
         raise SDIError(f"looped_mlp: unknown body {arch['body']!r}; expected 'two_layer' or 'shared_twice'.")
-    if arch.get("unused_param"):
-        shapes["block.unused.weight"] = (d, d)
     shapes.update({"head.weight": (c, d), "head.bias": (c,)})
+    if arch.get("unused_param"):
+        shapes["unused.weight"] = (d, d)
     return shapes
 
 

@@ -82,13 +82,16 @@ class NumpyBackend:
         unknown = [p.name for p in spec.params if p.name not in known]
         if unknown:
             raise SDIError(f"Selected parameters {unknown} are not parameters of model {spec.name!r}.")
+        # A group none of whose parameters is used is a selection mistake.  One unused
+        # parameter in a used group is not: its gradient is exactly zero, and so are its features.
         used = {u.param for u in uses}
-        unused = [p.name for p in spec.params if p.name not in used]
-        if unused:
-            raise SDIError(
-                f"Selected parameters {unused} are never used in the forward pass of model {spec.name!r}; "
-                "deselect them."
-            )
+        for group in dict.fromkeys(p.group for p in spec.params):
+            names = [p.name for p in spec.params if p.group == group]
+            if not any(n in used for n in names):
+                raise SDIError(
+                    f"None of the parameters of group {group!r} ({names}) is used in the forward pass of model "
+                    f"{spec.name!r}; deselect them or fix the selection."
+                )
 
     # -------------------------------------------------------------- compute
     def _uses(self, model: NumpyModel, batch, weights=None):

@@ -119,12 +119,13 @@ def test_models_are_deterministic_fresh_copies():
     assert not np.array_equal(a.batch(4, seed=3)["x"], a.batch(4, seed=4)["x"])
 
 
-def test_unused_parameter_variant_adds_one_loop_parameter():
+def test_unused_parameter_variant_adds_a_group_never_used():
     spec = get_model("looped_mlp").with_unused_parameter()
-    assert "block.unused.weight" in mlp_param_shapes(spec.arch)
-    assert spec.params[-1].name == "block.unused.weight" and spec.params[-1].group == "loop"
+    assert list(mlp_param_shapes(spec.arch))[-1] == "unused.weight"
+    assert spec.params[-1].name == "unused.weight" and spec.params[-1].group == "unused"
+    assert spec.steps["unused"] == 1
     _, uses = spec.reference_factors(spec.batch(2))
-    assert "block.unused.weight" not in {u.param for u in uses}
+    assert "unused.weight" not in {u.param for u in uses}
     with pytest.raises(SDIError, match="looped_mlp"):
         get_model("looped_transformer").with_unused_parameter()
 
