@@ -1,0 +1,186 @@
+"""``sdi featurize`` and ``sdi score``: results equal the Python API; help and errors are complete."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import sdi_core
+from sdi_core import TensorSketch
+from sdi_core.cli import build_parser, main
+from sdi_core.cli_store import (
+    demo_data,
+    demo_model,
+    numpy_reference_featurizer,
+    weights_id,
+)
+from sdi_core.features import CheckpointInfo
+from sdi_core.reference.looped_transformer import LoopedConfig, init_weights
+from sdi_core.scoring import score_store
+from sdi_core.store import open_store
+
+
+def _sdi(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def demo_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert _sdi("featurize", "--demo", "train", "--out", root / "train", "--summed", "--dtype", "float64",
+                "--shard-size", "2", "--sketch-dim", "256") == 0
+    assert _sdi("featurize", "--demo", "query", "--out", root / "query", "--dtype", "float64",
+                "--sketch-dim", "256") == 0
+    return root
+
+
+def test_demo_featurize_matches_the_reference_featurizer(demo_stores):
+    config, weights = demo_model()
+    ck = [(weights, CheckpointInfo(weights_id(weights), 1.0, None))]
+    for split in ("train", "query"):
+        data = demo_data(split, config)
+        fn = numpy_reference_featurizer(config, ck, TensorSketch(dim=256, seed=0), data)
+        want = fn([(0, len(data["tokens"]))])
+        got = open_store(demo_stores / split)
+        assert got.meta["split"] == split
+        np.testing.assert_array_equal(got.example_ids, data["ids"])
+        w = want.sum_steps() if split == "train" else want
+        np.testing.assert_allclose(got.as_features().data[0]["loop"], w.data[0]["loop"], rtol=1e-12, atol=1e-12)
+
+
+def test_score_writes_what_the_api_computes(demo_stores, tmp_path, capsys):
+    out = tmp_path / "scores.npz"
+    assert _sdi("score", demo_stores / "train", demo_stores / "query", "--k", "4", "--out", out,
+                "--dense", "trajectory,tracin", "--max-queries", "2") == 0
+    printed = capsys.readouterr().out
+    assert "query 0:" in printed and "loop[2]" in printed and "14 more queries" in printed
+    api = score_store(open_store(demo_stores / "train"), open_store(demo_stores / "query"), k=4,
+                      dense=("trajectory", "tracin"))
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["slot_topk_ids"], api.slot_topk.ids)
+        np.testing.assert_array_equal(z["total_topk_indices"], api.total_topk.indices)
+        np.testing.assert_allclose(z["trajectory"], api.trajectory, rtol=1e-12)
+        assert list(z["slot_labels"]) == ["loop[0]", "loop[1]", "loop[2]"]
+    ref = sdi_core.influence(open_store(demo_stores / "train").as_features(),
+                             open_store(demo_stores / "query").as_features())
+    np.testing.assert_allclose(api.tracin, ref.tracin, rtol=1e-12, atol=1e-12)
+
+
+def test_self_influence_command(demo_stores, tmp_path, capsys):
+    out = tmp_path / "self.npz"
+    assert _sdi("score", demo_stores / "train", "--self-influence", "--k", "3", "--out", out) == 0
+    assert "highest self-influence" in capsys.readouterr().out
+    train = open_store(demo_stores / "train").as_features()
+    with np.load(out) as z:
+        tot = train.data[0]["loop"][:, 0]
+        np.testing.assert_allclose(z["tracin"], np.einsum("id,id->i", tot, tot), rtol=1e-12)
+        assert "per_slot" not in z.files  # a summed store has no per-step self-influence
+
+
+def test_featurize_from_files_with_two_checkpoints(tmp_path):
+    config = LoopedConfig(vocab_size=9, d_model=8, n_heads=2, tau=2, max_len=6, n_prelude=1)
+    (tmp_path / "model.json").write_text(json.dumps({"vocab_size": 9, "d_model": 8, "n_heads": 2, "tau": 2,
+                                                     "max_len": 6, "n_prelude": 1}))
+    ws = [init_weights(config, seed=s) for s in (1, 2)]
+    for i, w in enumerate(ws):
+        np.savez(tmp_path / f"ckpt{i}.npz", **w)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 9, size=(11, 6))
+    targets = np.where(rng.random((11, 6)) < 0.5, tokens, -100)
+    ids = np.arange(11) * 7 + 3
+    np.savez(tmp_path / "data.npz", tokens=tokens, targets=targets, ids=ids)
+    assert _sdi("featurize", "--model", tmp_path / "model.json", "--checkpoint", tmp_path / "ckpt0.npz",
+                "--checkpoint", tmp_path / "ckpt1.npz", "--eta", "0.5", "--eta", "0.1", "--data", tmp_path / "data.npz",
+                "--out", tmp_path / "s", "--groups", "prelude,loop,coda", "--batch-size", "4", "--shard-size", "1",
+                "--dtype", "float64", "--sketch-dim", "64", "--seed", "3", "--tau", "3") == 0
+    st = open_store(tmp_path / "s")
+    assert [c.eta for c in st.checkpoints] == [0.5, 0.1] and st.steps == {"prelude": 1, "loop": 3, "coda": 1}
+    assert st.checkpoints[0].id == weights_id(ws[0]) != st.checkpoints[1].id
+    ck = [(w, CheckpointInfo(weights_id(w), e, None)) for w, e in zip(ws, (0.5, 0.1))]
+    fn = numpy_reference_featurizer(config, ck, TensorSketch(dim=64, seed=3),
+                                    {"tokens": tokens, "targets": targets, "ids": ids},
+                                    groups=("prelude", "loop", "coda"), tau=3)
+    want = fn([(0, 11)])
+    got = st.as_features()
+    for k in range(2):
+        for g in ("prelude", "loop", "coda"):
+            np.testing.assert_allclose(got.data[k][g], want.data[k][g], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got.example_ids, ids)
+
+
+def test_two_ranks_score_like_one(demo_stores, tmp_path):
+    for r in (0, 1):
+        assert _sdi("featurize", "--demo", "train", "--out", tmp_path / "two", "--summed", "--dtype", "float64",
+                    "--shard-size", "2", "--sketch-dim", "256", "--rank", r, "--world-size", "2") == 0
+    two = open_store(tmp_path / "two")
+    assert len(two.segments) == 4
+    q = open_store(demo_stores / "query")
+    a = score_store(two, q, k=5)
+    b = score_store(open_store(demo_stores / "train"), q, k=5)
+    np.testing.assert_array_equal(a.slot_topk.indices, b.slot_topk.indices)
+    np.testing.assert_array_equal(a.total_topk.scores, b.total_topk.scores)
+
+
+def test_torch_backend_writes_the_numpy_backend_store(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sdi_torch.models")
+    common = ["--demo", "query", "--dtype", "float64", "--sketch-dim", "256"]
+    assert _sdi("featurize", *common, "--out", tmp_path / "np") == 0
+    assert _sdi("featurize", *common, "--out", tmp_path / "torch", "--backend", "torch", "--torch-dtype", "float64") == 0
+    a, b = open_store(tmp_path / "np"), open_store(tmp_path / "torch")
+    assert a.meta == b.meta
+    np.testing.assert_allclose(b.as_features().data[0]["loop"], a.as_features().data[0]["loop"],
+                               rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- help and errors
+
+
+@pytest.mark.parametrize("command", ["featurize", "score"])
+def test_help_documents_every_option(command, capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for action in sub._actions:
+        for opt in action.option_strings:
+            assert opt in text, f"sdi {command} --help does not show {opt}"
+        if action.option_strings and opt != "-h" and opt != "--help":
+            assert action.help and len(action.help) > 10, f"{opt} has no help text"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["featurize", "--out", "{tmp}/a"], "needs --model, --checkpoint, --data"),
+        (["featurize", "--demo", "train", "--out", "{tmp}/a", "--groups", "body"], "--groups 'body'"),
+        (["featurize", "--demo", "train", "--out", "{tmp}/a", "--sketch-dim", "-4"], "--sketch-dim -4"),
+        (["featurize", "--demo", "train", "--out", "{tmp}/a", "--batch-size", "0"], "--batch-size must be"),
+        (["featurize", "--demo", "train", "--out", "{tmp}/a", "--eta", "1", "--eta", "2"], "2 --eta values for 1"),
+        (["featurize", "--demo", "train", "--out", "{tmp}/a", "--model", "m.json"], "--demo uses a built-in"),
+        (["featurize", "--model", "{tmp}/none.json", "--checkpoint", "c.npz", "--data", "d.npz", "--out", "{tmp}/a"],
+         "no such file"),
+        (["score", "{store}/train", "{store}/query", "--dense", "everything", "--out", "{tmp}/o.npz"], "--dense"),
+        (["score", "{store}/train", "{store}/query", "--dense", "tracin"], "give --out"),
+        (["score", "{store}/train", "{store}/query", "--budget", "lots"], "memory size"),
+        (["score", "{store}/train", "{store}/query", "--k", "-1"], "--k must be"),
+        (["score", "{store}/train"], "needs a QUERY store"),
+        (["score", "{tmp}/missing", "{store}/query"], "does not exist"),
+        (["score", "{store}/query", "{store}/train"], "summed over steps"),
+    ],
+)
+def test_bad_options_give_clear_errors(argv, message, demo_stores, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, store=demo_stores) for a in argv]
+    assert _sdi(*argv) == 2
+    err = capsys.readouterr().err
+    assert f"sdi {argv[0]}: error:" in err and message in err, err
+
+
+def test_argparse_rejects_unknown_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _sdi("featurize", "--demo", "train", "--out", "x", "--backend", "tensorflow")
+    assert exc.value.code == 2
+    assert "invalid choice: 'tensorflow'" in capsys.readouterr().err
