@@ -11,6 +11,7 @@ sum, no scatter.  Native scatter-adds (``np.bincount``, ``Tensor.index_add_``,
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,10 @@ class HashTable:
             arr = _asarray(xp, host, dev)
             if dtype is not None:
                 arr = xp.astype(arr, dtype)
+            if _is_jax_tracer(arr):
+                # Inside a jit trace the copy is a tracer: caching it would leak it into the next
+                # trace (a retrace for new shapes or shardings fails with UnexpectedTracerError).
+                return arr
             self._cache[key] = arr
         return self._cache[key]
 
@@ -80,6 +85,11 @@ class HashTable:
         if key not in self._cache:
             self._cache[key] = HashTable(self.index[lo:hi], self.sign[lo:hi], self.m)
         return self._cache[key]
+
+
+def _is_jax_tracer(x) -> bool:
+    jax = sys.modules.get("jax")  # never import jax here: only a loaded jax can have made a tracer
+    return jax is not None and isinstance(x, jax.core.Tracer)
 
 
 def _asarray(xp, host: np.ndarray, dev):
