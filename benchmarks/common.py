@@ -1,0 +1,336 @@
+"""Shared helpers of the cross-cutting benchmark scripts: timing, memory, machine description, reports.
+
+The benchmark machines are small and shared, so absolute seconds mean little.
+Every number these scripts report as a claim is a *ratio* against a baseline
+measured in the same process, in the same rounds:
+
+- :func:`interleaved` runs all candidates once per round, in an order that
+  rotates from round to round, after a warm-up call of each.  A burst of load
+  from another process then hits one round of every candidate rather than all
+  rounds of one.
+- :func:`summarize` reports, per candidate, the best and median time and two
+  ratios to the baseline: best over best, and the median over rounds of the
+  *paired* ratio (candidate time over baseline time in the same round).  The
+  paired median is the headline: it cancels slow drifts in machine load.
+- :func:`peak_memory` measures the peak resident memory a call adds on top of
+  what the process held before it (Linux ``VmHWM`` after resetting it via
+  ``/proc/self/clear_refs``).  :func:`setup` makes glibc return large freed
+  blocks to the OS at once (``mallopt``), so the peak is not hidden by memory
+  an earlier call freed but the allocator kept.
+
+Scripts call :func:`setup` first, then build their candidates.  Nothing here
+imports torch or jax; framework-specific synchronisation (``block_until_ready``)
+belongs in the candidate callables.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# glibc mallopt parameters (malloc.h): below this size blocks come from the heap.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(threads: int | None = 2) -> dict:
+    """Prepare the process for measuring and return a description of the machine.
+
+    Args:
+        threads: intra-op threads for torch (when it is imported later, call
+            :func:`set_torch_threads`) and the BLAS/OpenMP environment; None
+            leaves the defaults.
+
+    Returns:
+        :func:`machine_info` at the start of the run.
+    """
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+    _configure_malloc()
+    return machine_info()
+
+
+def _configure_malloc() -> bool:
+    """Serve every block above 64 KiB by mmap so that freeing it returns it to the OS at once."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) == 1
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024) == 1
+        return bool(ok)
+    except OSError:  # not glibc: peaks may then be underestimated after large frees
+        return False
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` when torch is imported and ``threads`` is given."""
+    if threads is not None and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+def machine_info() -> dict:
+    """CPU model, cores, memory, load, Python and library versions (whichever are imported)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            if m:
+                cpu = m.group(1).strip()
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"MemTotal:\s+(\d+) kB", f.read())
+            if m:
+                mem_gib = round(int(m.group(1)) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    versions = {"python": sys.version.split()[0]}
+    for mod in ("numpy", "scipy", "torch", "jax", "jaxlib"):
+        if mod in sys.modules:
+            versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "versions": versions,
+        "load_average": _loadavg(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def finish_info(info: dict) -> dict:
+    """``info`` with the versions of libraries imported since :func:`setup` and the load at the end."""
+    out = dict(info)
+    out["versions"] = machine_info()["versions"]
+    out["load_average_end"] = _loadavg()
+    if "torch" in sys.modules:
+        out["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def interleaved(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of every candidate, ``repeats`` rounds, order rotated per round.
+
+    Args:
+        candidates: name -> zero-argument callable that runs the work to
+            completion (synchronise asynchronous frameworks inside it).
+        repeats: rounds; each round times every candidate once.
+        warmup: untimed calls of each candidate first (JIT compilation,
+            caches, hash tables).
+
+    Returns:
+        name -> list of ``repeats`` seconds, in round order.
+    """
+    names = list(candidates)
+    if not names:
+        raise ValueError("interleaved: no candidates to time")
+    for _ in range(warmup):
+        for n in names:
+            candidates[n]()
+    samples: dict[str, list[float]] = {n: [0.0] * repeats for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            gc.collect()
+            t0 = time.perf_counter()
+            candidates[n]()
+            samples[n][r] = time.perf_counter() - t0
+    return samples
+
+
+def summarize(samples: Mapping[str, Sequence[float]], baseline: str) -> dict[str, dict]:
+    """Best and median seconds and ratios to ``baseline`` for every candidate.
+
+    Returns:
+        name -> ``{"best_s", "median_s", "ratio_best", "ratio_paired_median",
+        "ratio_paired_min", "ratio_paired_max", "times_s"}``; ratios are
+        candidate / baseline (the baseline's own are 1).
+    """
+    if baseline not in samples:
+        raise ValueError(f"summarize: baseline {baseline!r} not among {list(samples)}")
+    base = samples[baseline]
+    best_base = min(base)
+    out = {}
+    for name, ts in samples.items():
+        paired = [t / b for t, b in zip(ts, base)]
+        out[name] = {
+            "best_s": min(ts),
+            "median_s": statistics.median(ts),
+            "ratio_best": min(ts) / best_base,
+            "ratio_paired_median": statistics.median(paired),
+            "ratio_paired_min": min(paired),
+            "ratio_paired_max": max(paired),
+            "times_s": list(ts),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"{field}:\s+(\d+) kB", f.read())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak resident set size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_supported() -> bool:
+    """Whether :func:`peak_memory` can measure on this system (Linux with a resettable VmHWM)."""
+    return _status_kib("VmHWM") is not None and _reset_peak()
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run ``fn`` once; return its result and the peak resident bytes it added (None if unsupported).
+
+    The peak counts everything the call allocated and still held at its
+    highest point, its result included, above the resident size before the
+    call.  Measure each candidate in its own call, after a warm-up, so that
+    one-time allocations (JIT caches, hash tables) are not counted.
+    """
+    gc.collect()
+    before = _status_kib("VmRSS")
+    if before is None or not _reset_peak():
+        return fn(), None
+    out = fn()
+    peak = _status_kib("VmHWM")
+    return out, max(0, (peak - before)) * 1024
+
+
+def mib(nbytes: float | None) -> float | None:
+    """Bytes -> MiB (None stays None)."""
+    return None if nbytes is None else nbytes / 2**20
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    """Format a table cell: None -> "-", floats with ``spec``, the rest with ``str``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return format(value, spec) if spec else f"{value:.4g}"
+    return format(value, spec) if spec else str(value)
+
+
+def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table of ``rows``; ``columns`` are ``(key, header, format spec)``."""
+    rows = list(rows)
+    cells = [[fmt(r.get(k), spec) for k, _, spec in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(heads)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(heads), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def results_path(out_dir: str | os.PathLike | None, name: str, quick: bool, ext: str = "json") -> Path:
+    """``<out_dir>/<name>.<ext>``, or ``<name>_quick.<ext>`` in quick mode (quick runs never overwrite results)."""
+    d = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{name}{'_quick' if quick else ''}.{ext}"
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON (NaN written as null) and return the path."""
+    path = Path(path)
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 1) == 0:
+            return clean(x.item())
+        if hasattr(x, "tolist"):
+            return clean(x.tolist())
+        return x
+
+    with open(path, "w") as f:
+        json.dump(clean(dict(payload)), f, indent=1)
+        f.write("\n")
+    return path
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run, relative to the repository root."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    script = os.path.basename(script)
+    return " ".join(["python", f"benchmarks/{script}"] + args)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 110})
+    return plt
+
+
+def add_common_args(ap) -> None:
+    """``--quick``, ``--out-dir``, ``--threads`` and ``--repeats`` for an argparse parser."""
+    ap.add_argument("--quick", action="store_true", help="a few seconds: tiny grid, for the test suite")
+    ap.add_argument("--out-dir", default=None, help="folder for JSON and PNG output (default benchmarks/results)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration (default per mode)")
