@@ -162,10 +162,34 @@ def _countsketch_torch(xp, values, table: HashTable):
     return out.reshape(lead + (table.m,))
 
 
+# Rows per block of the JAX scatter (see _countsketch_jax).
+_JAX_ROW_BLOCK = 8
+
+
 def _countsketch_jax(xp, values, table: HashTable):
+    # XLA's CPU scatter-add is 3-15x faster when it moves whole rows of a
+    # [n, rows] array into [m, rows] than along the last axis of [rows, n],
+    # and faster again when the rows go in blocks of a few at a time (a
+    # lax.map keeps each block in cache): 256 rows of n=65536 into m=8192
+    # take ~25 ms this way against ~400 ms for one last-axis scatter.
+    import jax  # values are jax arrays, so jax is imported already
+
     lead = tuple(values.shape[:-1])
-    flat = xp.reshape(values, (-1, table.n)) * table.on(xp, values, "sign", values.dtype)
+    flat = xp.reshape(values, (-1, table.n))
+    rows = flat.shape[0]
+    sign = table.on(xp, values, "sign", values.dtype)
     idx = table.on(xp, values, "index")
-    out = xp.zeros((flat.shape[0], table.m), dtype=values.dtype)
-    out = out.at[:, idx].add(flat)  # jax accumulates repeated indices
+
+    def block_sketch(block):  # [r, n] -> [r, m]; jax accumulates repeated indices
+        out = xp.zeros((table.m, block.shape[0]), dtype=values.dtype)
+        return xp.matrix_transpose(out.at[idx].add(xp.matrix_transpose(block * sign)))
+
+    if rows <= _JAX_ROW_BLOCK:
+        out = block_sketch(flat)
+    else:
+        pad = (-rows) % _JAX_ROW_BLOCK
+        if pad:
+            flat = xp.concat([flat, xp.zeros((pad, table.n), dtype=flat.dtype)], axis=0)
+        blocks = xp.reshape(flat, (-1, _JAX_ROW_BLOCK, table.n))
+        out = xp.reshape(jax.lax.map(block_sketch, blocks), (-1, table.m))[:rows]
     return xp.reshape(out, lead + (table.m,))
