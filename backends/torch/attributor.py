@@ -14,6 +14,7 @@ from torch import nn
 from sdi_core import Checkpoint, CheckpointInfo, Exact, Features, SDIError, SketchPlan, StreamingSketcher, TensorSketch
 
 from .capture import FactorCapture
+from .fastpath import TorchSketcher, Workspace
 from .selection import LOOP, Selection, resolve_selection
 
 __all__ = ["Attributor", "load_checkpoint", "weights_hash"]
@@ -64,6 +65,9 @@ class Attributor:
             does not depend on the batch (e.g. ``pos_emb(arange(T))``) and
             the leading size of the first tensor in the batch is not ``B``.
         progress: show tqdm progress bars over checkpoints and batches.
+        fast_path: sketch with :class:`sdi_torch.fastpath.TorchSketcher`
+            (default); False uses the core's portable
+            :class:`sdi_core.StreamingSketcher` (same features to rounding).
 
     Attributes:
         selection: the resolved parameters (``.infos``: ``ParamInfo`` list).
@@ -86,6 +90,7 @@ class Attributor:
         train_mode: bool = False,
         batch_size: Callable | int | None = None,
         progress: bool = True,
+        fast_path: bool = True,
     ) -> None:
         if not callable(loss_fn):
             raise SDIError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {type(loss_fn).__name__}.")
@@ -97,6 +102,8 @@ class Attributor:
         self.train_mode = bool(train_mode)
         self.batch_size = batch_size
         self.progress = progress
+        self.fast = bool(fast_path)
+        self._workspace = Workspace()
 
     def __repr__(self) -> str:
         return f"Attributor({type(self.model).__name__}, {self.plan!r})"
@@ -190,14 +197,18 @@ class Attributor:
     def _featurize_batch(self, cap: FactorCapture, batch, index: int, ckpt_id: str):
         box: dict = {}
 
-        def on_loss(loss):
+        def on_loss(loss, steps):
             if not bool(torch.isfinite(loss).all()):
                 bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
                 raise SDIError(
                     f"Batch {index} (checkpoint {ckpt_id!r}): the loss is NaN or inf for examples {bad[:10]} "
                     "(positions in the batch). Check those inputs and the checkpoint's weights."
                 )
-            box["sketcher"] = StreamingSketcher(self.plan, int(loss.shape[0]))
+            B = int(loss.shape[0])
+            if self.fast:
+                box["sketcher"] = TorchSketcher(self.plan, B, steps, self._workspace)
+            else:
+                box["sketcher"] = StreamingSketcher(self.plan, B)
 
         def on_use(use):
             box["sketcher"].add(use)

@@ -981,15 +981,16 @@ class FactorCapture:
         return None
 
     def run(self, loss_fn: Callable, batch, on_use: Callable[[FactorUse], None],
-            on_loss: Callable[[torch.Tensor], None] | None = None) -> dict:
+            on_loss: Callable[[torch.Tensor, dict], None] | None = None) -> dict:
         """Forward and backward one batch; stream its uses to ``on_use``.
 
         Args:
             loss_fn: ``loss_fn(model, batch) -> [B]`` per-example losses.
             on_use: called with each :class:`~sdi_core.FactorUse` as its
                 grad-output arrives (during backward).
-            on_loss: called with the detached loss ``[B]`` before backward
-                (e.g. to size a sketcher).
+            on_loss: called as ``on_loss(loss, steps)`` with the detached
+                loss ``[B]`` and ``{group: S_g}`` before backward (e.g. to size
+                a sketcher).
 
         Returns:
             ``{"loss": [B] detached, "steps": {group: S_g}, "uses": n}``.
@@ -1018,7 +1019,7 @@ class FactorCapture:
                 )
             steps = self._steps(st)
             if on_loss is not None:
-                on_loss(loss.detach())
+                on_loss(loss.detach(), steps)
             if not loss.requires_grad:
                 raise SDIError(
                     "The loss does not depend on any use of the selected parameters (it does not require grad). "
