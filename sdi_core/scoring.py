@@ -50,7 +50,10 @@ __all__ = [
 DEFAULT_BUDGET = 1 << 30
 DENSE_KINDS = ("trajectory", "tracin", "train_trajectory", "step_matrix")
 _MERGE_BYTES_MAX = 64 << 20  # scratch memory of the top-k merge
-_PRIME_COLUMNS = 1024  # columns used to set the first top-k thresholds exactly
+_PRIME_COLUMNS = 1024  # train rows used to set the first top-k thresholds exactly
+# Default cap on train rows per block: the GEMM is as fast on 8192 rows as on more, and smaller
+# tiles are cheaper to scan for top-k candidates and leave the rest of the budget unused.
+DEFAULT_BLOCK_ROWS = 8192
 
 
 def parse_bytes(value: str | int) -> int:
@@ -451,9 +454,8 @@ def plan_blocks(
             f"and one train row {per_row} bytes (at least {need} bytes needed). Raise the budget, drop dense "
             "outputs, or score fewer queries at a time."
         )
-    rows = min(int(rows), max(1, n_rows))
-    if block_rows is not None:
-        rows = max(1, min(rows, int(block_rows)))
+    rows = min(int(rows), max(1, n_rows), DEFAULT_BLOCK_ROWS if block_rows is None else int(block_rows))
+    rows = max(1, rows)
     return BlockPlan(rows, int(fixed_bytes), int(per_row), merge, int(budget))
 
 
@@ -517,7 +519,8 @@ def score_store(
         rank, world_size: score only train rows
             ``[N * rank // world_size, N * (rank + 1) // world_size)``;
             combine the parts with :meth:`StreamedScores.merge`.
-        block_rows: cap on train rows per block (default: what the budget allows).
+        block_rows: cap on train rows per block (default: what the budget
+            allows, at most :data:`DEFAULT_BLOCK_ROWS`).
         dtype: computation dtype; default the train store's (float32 stores
             are scored in float32, float64 ones in float64).
         progress: show a progress bar over train rows (tqdm).
