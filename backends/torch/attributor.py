@@ -159,7 +159,7 @@ class Attributor:
         original = None
         infos: list[CheckpointInfo] = []
         per_ckpt: list[list[tuple[dict, dict]]] = []
-        if model.training and not self.train_mode:
+        if not self.train_mode and any(m.training for m in model.modules()):
             warnings.warn(
                 "The model is in train mode; featurising in eval mode (dropout off) and restoring train mode "
                 "afterwards. Pass train_mode=True to featurise in train mode.",

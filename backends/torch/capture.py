@@ -229,6 +229,7 @@ class BatchCapture:
         self.nograd_use: tuple[str, str] | None = None
         self.replayed: tuple[str, str] | None = None
         self.emitted = 0
+        self.leaked: str | None = None
 
     # ------------------------------------------------------------ bookkeeping
     def _find_views(self, args, kwargs) -> list[_View]:
@@ -701,6 +702,20 @@ def _tensors_deep(obj):
             stack.extend(o)
 
 
+class _LeakWatch:
+    """Pre-hook on a parameter's AccumulateGrad node: any gradient arriving there bypassed the capture."""
+
+    def __init__(self, owner: "FactorCapture", name: str):
+        self.owner = owner
+        self.name = name
+
+    def __call__(self, grad_outputs):
+        st = self.owner._state
+        if st is not None and st.leaked is None and any(g is not None for g in grad_outputs):
+            st.leaked = self.name
+        return None
+
+
 class _Hook:
     """Tensor hook delivering an output's gradient to its records."""
 
@@ -929,6 +944,7 @@ class FactorCapture:
         self._depth: dict = {}
         self._stack: list = []
         self._handles: list = []
+        self._accumulators: list = []
         self._saved_requires_grad: list = []
 
     def __enter__(self) -> "FactorCapture":
@@ -936,6 +952,13 @@ class FactorCapture:
             raise SDIError("This capture is already active; featurize calls cannot be nested.")
         self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
+            for name, p in self.selection.params.items():
+                if p.requires_grad:
+                    # A view made before featurize (a cached transpose) still leads to this node; with
+                    # requires_grad off the engine drops what arrives, so watch for it.
+                    acc = p.view_as(p).grad_fn.next_functions[0][0]
+                    self._handles.append(acc.register_prehook(_LeakWatch(self, name)))
+                    self._accumulators.append(acc)
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
             for m in self.selection.loop_modules:
@@ -954,6 +977,7 @@ class FactorCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._accumulators = []
         for p, flag in self._saved_requires_grad:
             p.requires_grad_(flag)
         self._saved_requires_grad = []
@@ -1029,13 +1053,12 @@ class FactorCapture:
             with mode:
                 torch.autograd.backward(loss.sum())
             st.phase = "done"
-            if st.replayed is not None:
-                name, op = st.nograd_use
+            self._check_nograd(st)
+            if st.leaked is not None:
                 raise SDIError(
-                    f"Parameter {name!r} was used in {op!r} with gradients disabled in the forward pass and recomputed "
-                    "during backward: this is reentrant activation checkpointing "
-                    "(torch.utils.checkpoint(..., use_reentrant=True)), which the capture does not support. Use "
-                    "use_reentrant=False."
+                    f"Parameter {st.leaked!r} received a gradient through a path the capture did not see (a view or "
+                    "copy of it made before featurize, e.g. a cached transpose). SDI would miss that use; create "
+                    "such views inside forward."
                 )
             for p, g0, v0 in grads_before:
                 if p.grad is not g0 or (g0 is not None and g0._version != v0):
@@ -1047,6 +1070,7 @@ class FactorCapture:
                         "copy of it made before featurize, e.g. a cached transpose). SDI would miss that use; "
                         "create such views inside forward."
                     )
+            self._check_unused(st)
             return {"loss": loss.detach(), "steps": steps, "uses": st.emitted}
         finally:
             st.phase = "done"
@@ -1056,8 +1080,30 @@ class FactorCapture:
             st.handles.clear()
             self._state = None
 
+    def _check_nograd(self, st: BatchCapture) -> None:
+        if st.nograd_use is None:
+            return
+        name, op = st.nograd_use
+        if st.use_count.get(name, 0) == 0 or st.replayed is not None:
+            raise SDIError(
+                f"Parameter {name!r} was used in {op!r} with gradients disabled in the forward pass, so no "
+                "gradient reaches it there. If this is reentrant activation checkpointing "
+                "(torch.utils.checkpoint(..., use_reentrant=True)), use use_reentrant=False, which the capture "
+                "supports; if it is a torch.no_grad() block, leave the parameter out of the selection."
+            )
+
+    def _check_unused(self, st: BatchCapture) -> None:
+        unused = [n for n in self.selection.params if st.use_count[n] == 0]
+        if unused:
+            raise SDIError(
+                f"Selected parameter(s) {unused[:8]}{' ...' if len(unused) > 8 else ''} are never used (with "
+                "gradients enabled) in the forward pass of this batch. Leave them out of the selection (select "
+                "parameters or submodules instead of the whole module)."
+            )
+
     def _steps(self, st: BatchCapture) -> dict[str, int]:
         sel = self.selection
+        self._check_nograd(st)
         steps = {g: 1 for g in sel.groups}
         if LOOP in steps:
             loop_names = sel.names_in(LOOP)
@@ -1088,25 +1134,7 @@ class FactorCapture:
                         f"The loop modules are called different numbers of times ({called}); a loop step is one call, "
                         "so pass a single module per step (or modules called once per step each)."
                     )
-                if st.group_uses.get(LOOP, 0) == 0:
-                    raise SDIError(
-                        "The loop module is called, but none of its parameters is used with gradients enabled. "
-                        "Check the loop selection."
-                    )
                 steps[LOOP] = next(iter(called.values()))
-        unused = [n for n in sel.params if st.use_count[n] == 0]
-        if unused:
-            raise SDIError(
-                f"Selected parameter(s) {unused[:8]}{' ...' if len(unused) > 8 else ''} are never used (with "
-                "gradients enabled) in the forward pass of this batch. Leave them out of the selection (select "
-                "parameters or submodules instead of the whole module)."
-            )
-        for g in sel.groups:
-            if g != LOOP and st.group_uses.get(g, 0) == 0:
-                raise SDIError(
-                    f"None of the parameters of group {g!r} ({sel.names_in(g)}) is used in the forward pass. "
-                    "Check the groups selection."
-                )
         return steps
 
 
