@@ -8,7 +8,8 @@
 
     sdi featurize --model model.json --checkpoint ckpt.npz --data train.npz --out train.store \\
         --sketch-dim 4096 --groups loop --summed --shard-size 16
-    torchrun --nproc-per-node 2 -m sdi_core.cli featurize --backend torch ...   # one shard per rank in turn
+    torchrun --nproc-per-node 2 -m sdi_core.cli featurize ...   # ranks write alternate shards, rank 0 finalises
+    torchrun --nproc-per-node 2 -m sdi_core.cli score ...       # ranks score their share of the rows, merged
 
 Backends: ``numpy`` (the float64 NumPy reference looped transformer of
 :mod:`sdi_core.reference.looped_transformer`) and ``torch`` (the same model
@@ -286,16 +287,35 @@ def run_featurize(args: argparse.Namespace) -> int:
         fn = torch_featurizer(config, checkpoints, sketch, data, device=args.device, dtype=args.torch_dtype,
                               progress=False, **kw)
     batches = batch_ranges(int(data["tokens"].shape[0]), args.batch_size)
-    store = featurize_to_store(
-        args.out, fn, batches, shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split,
-        rank=rank, world_size=world, consolidate=(world == 1 and not args.no_consolidate), progress=args.progress,
-    )
+    common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split, progress=args.progress)
+    if _under_torchrun(args):
+        # torchrun: every rank writes its shards, ranks meet on torch.distributed, rank 0 finalises.
+        import sdi_torch.distributed as sd
+
+        sd.init_from_env()
+        store = sd.featurize_to_store(args.out, fn, batches, consolidate=not args.no_consolidate, **common)
+        if sd.rank_and_world()[0] == 0:
+            print(store)
+        return 0
+    store = featurize_to_store(args.out, fn, batches, rank=rank, world_size=world,
+                               consolidate=(world == 1 and not args.no_consolidate), **common)
     if store is None:
-        print(f"rank {rank}/{world}: shards written to {args.out}; run `sdi score` once every rank has finished "
-              "(or finalize with sdi_core.store.finalize_store).")
+        print(f"rank {rank}/{world}: shards written to {args.out}; the store is complete once every rank has "
+              "finished (sdi score reads it as it is; sdi_core.store.finalize_store consolidates it).")
     else:
         print(store)
     return 0
+
+
+def _under_torchrun(args: argparse.Namespace) -> bool:
+    """Launched by torchrun with several processes, ranks not given by hand, torch available."""
+    if args.rank is not None or args.world_size is not None or _env_int("WORLD_SIZE", 1) <= 1:
+        return False
+    if getattr(args, "backend", None) == "torch":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("sdi_torch") is not None
 
 
 # --------------------------------------------------------------------------- score
@@ -336,9 +356,21 @@ def run_score(args: argparse.Namespace) -> int:
     if args.k < 0:
         raise SDIError(f"--k must be >= 0, got {args.k}.")
     query = FeatureStore(args.query)
-    res = score_store(train, query, k=args.k, budget=budget, slots=not args.no_slots, total=not args.no_total,
-                      dense=dense, normalize=args.normalize, largest=not args.smallest, rank=rank, world_size=world,
-                      block_rows=args.block_rows, progress=args.progress)
+    kw = dict(k=args.k, budget=budget, slots=not args.no_slots, total=not args.no_total, dense=dense,
+              normalize=args.normalize, largest=not args.smallest, block_rows=args.block_rows, progress=args.progress)
+    if _under_torchrun(args):
+        # torchrun: each rank scores its share of the train rows; results are gathered and merged.
+        import sdi_torch.distributed as sd
+
+        sd.init_from_env()
+        res = sd.score_store(train, query, **kw)
+        if sd.rank_and_world()[0] != 0:
+            return 0
+    else:
+        res = score_store(train, query, rank=rank, world_size=world, **kw)
+        if world > 1:
+            print(f"rank {rank}/{world}: scored train rows {res.rows[0]}..{res.rows[1]} only; combine the parts "
+                  "with sdi_core.scoring.StreamedScores.merge (or run under torchrun, which merges).")
     if args.out:
         res.to_npz(args.out)
     if not args.quiet:

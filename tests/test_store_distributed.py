@@ -149,3 +149,26 @@ def test_jax_two_devices_equal_one_device(tmp_path):
     assert report["odd_ids"] == list(range(5)) and report["odd_diff"] <= 1e-12, report
     one, two = open_store(tmp_path / "one"), open_store(tmp_path / "two")
     assert one.meta == two.meta
+
+
+@pytest.mark.slow
+def test_sdi_cli_under_torchrun_matches_one_process(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sdi_torch.attributor")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "sdi_core.cli"]
+    common = ["--demo", "query", "--batch-size", "4", "--shard-size", "1", "--summed", "--dtype", "float64",
+              "--sketch-dim", "256"]
+    env = {"OMP_NUM_THREADS": "1"}
+    _run(launch + ["featurize", *common, "--out", str(tmp_path / "two")], env_extra=env)
+    _run([sys.executable, "-m", "sdi_core.cli", "featurize", *common, "--out", str(tmp_path / "one")], env_extra=env)
+    assert_same_tree(tmp_path / "one", tmp_path / "two")
+    _run([sys.executable, "-m", "sdi_core.cli", "featurize", "--demo", "query", "--dtype", "float64",
+          "--sketch-dim", "256", "--out", str(tmp_path / "q")], env_extra=env)
+    _run(launch + ["score", str(tmp_path / "two"), str(tmp_path / "q"), "--k", "3", "--out", str(tmp_path / "two.npz"),
+                   "--quiet"], env_extra=env)
+    _run([sys.executable, "-m", "sdi_core.cli", "score", str(tmp_path / "one"), str(tmp_path / "q"), "--k", "3",
+          "--out", str(tmp_path / "one.npz"), "--quiet"], env_extra=env)
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        for key in ("slot_topk_indices", "total_topk_indices", "slot_topk_scores"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
