@@ -17,6 +17,7 @@ the same shape reuse the compiled function.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
@@ -329,8 +330,40 @@ def _as_checkpoints(checkpoints) -> list[Checkpoint]:
     return out
 
 
-def _make_features_fn(cap: CapturePlan, sp: SketchPlan, route: str):
-    """The pure per-batch featurisation: params, batch -> {group: [B, S_g, D_g]}."""
+def _blocked_use_features(name, kind, a, g, spec, route, row_block):
+    """:func:`sdi_core.use_features` of ``rows`` independent rows, a block of rows at a time.
+
+    An outer-product use hashed exactly forms every row's ``[d_out, d_in]``
+    gradient before hashing it; a ``lax.map`` over blocks of rows keeps that
+    working set in cache instead of materialising all rows at once (on a 2-core
+    CPU this is the difference between ~1.8x and ~1.2x of a forward+backward
+    for the benchmark transformer).
+    """
+    rows = g.shape[0]
+    per_row = math.prod(spec.param.matrix_shape or (spec.param.numel,))
+    block = max(1, min(rows, row_block // max(per_row, 1)))
+    if kind not in ("linear", "embedding") or block >= rows:
+        return use_features(FactorUse(name, 0, kind, a, g), spec, route=route)
+    pad = (-rows) % block
+
+    def blocks(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+        return jnp.reshape(x, (-1, block) + x.shape[1:])
+
+    def one(ag):
+        return use_features(FactorUse(name, 0, kind, ag[0], ag[1]), spec, route=route)
+
+    out = jax.lax.map(one, (blocks(a), blocks(g)))
+    return jnp.reshape(out, (-1, out.shape[-1]))[:rows]
+
+
+def _make_features_fn(cap: CapturePlan, sp: SketchPlan, route: str, row_block: int = 1 << 20):
+    """The pure per-batch featurisation: params, batch -> {group: [B, S_g, D_g]}.
+
+    ``row_block``: rows of an outer-product use are sketched in blocks of about
+    ``row_block / (d_out * d_in)`` rows (see :func:`_blocked_use_features`).
+    """
     leaf_to_name = {v: k for k, v in cap.leaf_index.items()}
 
     def features(params, batch):
@@ -350,8 +383,7 @@ def _make_features_fn(cap: CapturePlan, sp: SketchPlan, route: str):
             b, s_tot = g.shape[0], g.shape[1]
             a_flat = None if a is None else jnp.reshape(a, (b * s_tot,) + a.shape[2:])
             g_flat = jnp.reshape(g, (b * s_tot,) + g.shape[2:])
-            use = FactorUse(name, 0, kind, a_flat, g_flat)
-            feats = use_features(use, sp.spec(name), route=route)
+            feats = _blocked_use_features(name, kind, a_flat, g_flat, sp.spec(name), route, row_block)
             feats = jnp.reshape(feats, (b, s_tot, feats.shape[-1]))
             per_param.setdefault(name, []).append((steps, feats))
         out = {}
