@@ -414,3 +414,12 @@ def test_two_ranks_write_the_same_store_as_one(tmp_path, concurrent):
 def test_shards_of_rank_partition_the_shards():
     parts = [store_mod.shards_of_rank(10, r, 3) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(10)) and parts[1] == [1, 4, 7]
+
+
+def test_store_scoring_and_cli_import_no_framework():
+    code = ("import sys, sdi_core.store, sdi_core.scoring, sdi_core.cli_store, sdi_core.cli; "
+            "sdi_core.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing the store modules loaded {out.stdout.strip()}"
