@@ -421,3 +421,19 @@ def test_view_made_before_featurize_is_caught():
         sdi_torch.Attributor(model, model.inner.body, _token_loss, groups={"coda": [model.inner.head.weight]},
                              progress=False).featurize([make_batch(1)])
     assert model.inner.head.weight.grad is None
+
+
+def test_activation_modified_in_place_after_its_use_is_an_error():
+    class InPlace(Borrowing):
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            for _ in range(self.tau):
+                a = torch.tanh(h)
+                y = self.body(a)
+                a.mul_(2.0)  # the activation of the use above changes after the use
+                h = h + y + a
+            return self.head(h)
+
+    model = InPlace().double().eval()
+    with pytest.raises(SDIError, match=r"input of 'linear' \(a use of parameter 'body.weight' at step 1\) was modified"):
+        sdi_torch.Attributor(model, model.body, _token_loss, progress=False).featurize([make_batch(1)])

@@ -111,6 +111,8 @@ class _Record:
     ignore_index: int | None = None
     base: tuple[int, ...] = ()  # dense: the view's (unbroadcast) shape
     stored: tuple[int, ...] = ()
+    source: Any = None  # the tensor the activation is read from, and its version at forward time
+    version: int = -1
 
 
 def _name(func) -> str:
@@ -327,6 +329,9 @@ class BatchCapture:
         if v.bad:
             raise self._unsupported(v, opname)
         rec = _Record(v.name, self._step(v.name, opname), kind, self.n_uses, opname, **kw)
+        src = rec.act if isinstance(rec.act, torch.Tensor) else getattr(rec.act, "source", None)
+        if isinstance(src, torch.Tensor):
+            rec.source, rec.version = src, src._version
         self.n_uses += 1
         return rec
 
@@ -608,6 +613,14 @@ class BatchCapture:
     # ---------------------------------------------------------- bookkeeping at the end
     def emit(self, rec: _Record, g: torch.Tensor) -> None:
         B = self.B
+        if rec.source is not None:
+            if rec.source._version != rec.version:
+                raise SDIError(
+                    f"The input of {rec.opname!r} (a use of parameter {rec.name!r} at step {rec.step}) was modified "
+                    "in place after the use, so its value at the time of the use is lost (autograd would reject this "
+                    "in training too). Replace the in-place operation (e.g. x += y -> x = x + y)."
+                )
+            rec.source = None
         if rec.coef != 1.0:
             g = g * rec.coef
         if rec.kind == "linear":
@@ -700,6 +713,20 @@ def _tensors_deep(obj):
             stack.extend(o.values())
         elif isinstance(o, (list, tuple)):
             stack.extend(o)
+
+
+class _Recompute:
+    """An activation recomputed from ``source`` when the gradient arrives (a norm's ``xhat``)."""
+
+    __slots__ = ("source", "fn")
+
+    def __init__(self, source: torch.Tensor, fn):
+        self.source = source
+        self.fn = fn
+
+    def __call__(self):
+        with torch.no_grad():
+            return self.fn(self.source.detach())
 
 
 class _LeakWatch:
@@ -827,9 +854,7 @@ def _h_norm(st: BatchCapture, func, args, kwargs, opname):
         if wv.lead or wv.transposed:
             raise st._fail(wv, opname, "the norm's weight must be the parameter or a row slice of it.")
 
-        def xhat(x=x, fn=xhat_fn):
-            with torch.no_grad():
-                return fn(x.detach())
+        xhat = _Recompute(x, xhat_fn)
 
         kind = "scale" if len(wv.base) == 1 else "dense-mul"
         recs.append(st._record(wv, kind, opname, act=xhat, rows=wv.rows, coef=wv.coef, base=wv.base,
