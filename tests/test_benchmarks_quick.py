@@ -1,0 +1,147 @@
+"""Keep the benchmark scripts from rotting: each one's ``--quick`` mode runs end to end in seconds.
+
+Every script in ``benchmarks/`` runs here in a subprocess (as a user would run
+it) with its output sent to a temporary folder, and what it writes is checked
+for the fields the README's results section is built from.  A new script must
+be added to :data:`SCRIPTS` (or to :data:`TESTED_ELSEWHERE`): the first test
+fails otherwise.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+# script -> arguments that send its output to the folder {out}
+SCRIPTS = {
+    "fidelity.py": ["--out-dir", "{out}"],
+    "bench_featurize_grid.py": ["--out-dir", "{out}"],
+    "bench_vs_exact.py": ["--out-dir", "{out}"],
+    "bench_vs_paper.py": ["--out-dir", "{out}"],
+    "bench_scoring.py": ["--out-dir", "{out}"],
+    "bench_jax_featurize.py": ["--out-dir", "{out}"],
+    "bench_torch_featurize.py": ["--out", "{out}/torch_featurize_quick.json"],
+}
+TESTED_ELSEWHERE = {"bench_routes.py": "tests/test_bench_routes.py", "common.py": "a helper module, not a script"}
+
+PAPER_PRESENT = importlib.util.find_spec("sdi") is not None
+
+
+def run_quick(script: str, out: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    args = [a.format(out=out) for a in SCRIPTS[script]]
+    cmd = [sys.executable] + (prefix or [str(BENCH / script)]) + ["--quick"] + args
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"{script} --quick failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def load(out: Path, name: str) -> dict:
+    path = out / name
+    assert path.is_file(), f"expected {path} to be written; the folder holds {sorted(p.name for p in out.iterdir())}"
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_png(out: Path, name: str) -> None:
+    path = out / name
+    assert path.is_file(), f"expected the figure {path}"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    assert head == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG file"
+    assert path.stat().st_size > 10_000, f"{path} is only {path.stat().st_size} bytes: an empty figure?"
+
+
+def test_every_benchmark_script_has_a_quick_test():
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    untested = sorted(scripts - set(SCRIPTS) - set(TESTED_ELSEWHERE))
+    assert not untested, f"benchmark scripts without a --quick test: {untested}; add them to SCRIPTS"
+    missing = sorted(set(SCRIPTS) - scripts)
+    assert not missing, f"SCRIPTS names scripts that do not exist: {missing}"
+
+
+def test_fidelity_quick(tmp_path):
+    proc = run_quick("fidelity.py", tmp_path)
+    res = load(tmp_path, "fidelity_quick.json")
+    assert_png(tmp_path, "fidelity_quick.png")
+    assert "c / sqrt(m)" in proc.stdout, proc.stdout
+    assert [r["m"] for r in res["per_m"]] == res["config"]["dims"], res["per_m"]
+    for r in res["per_m"]:
+        assert 0 < r["rel_err_trajectory"] < 10 and 0 < r["rel_err_tracin"] < 10, r
+        assert -1 <= r["pearson_trajectory"] <= 1 and 0 <= r["topk_overlap_tracin"] <= 1, r
+    assert res["fit"]["rel_err_trajectory"]["c"] > 0, res["fit"]
+    # The reference factors and sdi_torch's capture give the same float64 features (exact claim).
+    check = res["attributor_check"]
+    assert check["ok"], check
+    assert check["max_abs_diff_over_max_abs"] < 1e-10, check
+
+
+def test_featurize_grid_quick(tmp_path):
+    run_quick("bench_featurize_grid.py", tmp_path)
+    res = load(tmp_path, "featurize_grid_quick.json")
+    assert_png(tmp_path, "featurize_grid_quick.png")
+    cfg = res["config"]
+    want = {(b, d, B, m) for b in ("torch", "jax") for (d, _, _) in cfg["sizes"] for B in cfg["batches"]
+            for m in cfg["dims"]}
+    got = {(r["backend"], r["d_model"], r["batch"], r["m"]) for r in res["rows"]}
+    assert got == want, f"grid rows {sorted(got)} != {sorted(want)}"
+    for r in res["rows"]:
+        assert r["time_ratio"] > 0 and r["fwd_bwd_s"] > 0 and r["featurize_s"] > 0, r
+    assert res["profiles"]["torch"]["top_tottime"], res["profiles"]
+
+
+def test_vs_exact_quick(tmp_path):
+    run_quick("bench_vs_exact.py", tmp_path)
+    res = load(tmp_path, "vs_exact_quick.json")
+    assert_png(tmp_path, "vs_exact_quick.png")
+    methods = {r["method"] for r in res["rows"]}
+    assert {"untied", "exact"} <= methods and any(m.startswith("ts") for m in methods), methods
+    for r in res["rows"]:
+        assert r["status"] == "ran", r
+        if r["kind"] == "sketch":
+            assert r["features_per_step"] < r["exact_features_per_step"], r
+    assert res["where_sketching_wins"]["points"], res["where_sketching_wins"]
+
+
+@pytest.mark.skipif(not PAPER_PRESENT, reason="the paper's package step-decomposed-influence (import sdi) is not "
+                                               "installed; pip install step-decomposed-influence opacus")
+def test_vs_paper_quick_with_the_paper_package(tmp_path):
+    run_quick("bench_vs_paper.py", tmp_path)
+    res = load(tmp_path, "vs_paper_quick.json")
+    assert_png(tmp_path, "vs_paper_quick.png")
+    assert res["paper_package"]["status"] == "compared", res["paper_package"]
+    impls = {r["implementation"] for r in res["cost"]}
+    assert impls == {"fwd_bwd", "sdi_torch", "paper"}, impls
+    assert {r["implementation"] for r in res["accuracy"]["summary"]} == {"sdi_torch", "paper"}
+
+
+def test_vs_paper_quick_reports_skipped_when_the_paper_package_is_absent(tmp_path):
+    # Hide any installed `sdi` so that `import sdi` raises ImportError, as on a machine without the package.
+    runner = ("import runpy, sys; sys.modules['sdi'] = None; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = run_quick("bench_vs_paper.py", tmp_path, prefix=["-c", runner, str(BENCH / "bench_vs_paper.py")])
+    assert "PAPER COMPARISON SKIPPED" in proc.stdout and "pip install step-decomposed-influence" in proc.stdout, \
+        proc.stdout
+    res = load(tmp_path, "vs_paper_quick.json")
+    assert res["paper_package"]["status"] == "skipped", res["paper_package"]
+    assert {r["implementation"] for r in res["cost"]} == {"fwd_bwd", "sdi_torch"}, res["cost"]
+    assert {r["implementation"] for r in res["accuracy"]["summary"]} == {"sdi_torch"}
+
+
+@pytest.mark.parametrize("script,result", [
+    ("bench_scoring.py", "scoring_quick.json"),
+    ("bench_jax_featurize.py", "jax_featurize_quick.json"),
+    ("bench_torch_featurize.py", "torch_featurize_quick.json"),
+])
+def test_backend_benchmark_quick(tmp_path, script, result):
+    run_quick(script, tmp_path)
+    res = load(tmp_path, result)
+    assert res, f"{script} wrote an empty result"
