@@ -59,6 +59,7 @@ __all__ = [
     "finalize_store",
     "shards_of_rank",
     "describe_difference",
+    "combine_checkpoints",
 ]
 
 FORMAT = "sdi-feature-store"
@@ -983,5 +984,68 @@ def finalize_store(path: str | os.PathLike, *, consolidate: bool = True) -> Feat
     store = FeatureStore(root)  # raises, naming the missing shards, when incomplete
     if consolidate:
         store = store.consolidate()
+    _cleanup(root)
+    return FeatureStore(root)
+
+
+def combine_checkpoints(path: str | os.PathLike, sources: Sequence[FeatureStore | str | os.PathLike]) -> FeatureStore:
+    """Write one store holding the checkpoints of several stores of the same examples.
+
+    For featurising each checkpoint in its own job: every source must hold the
+    same rows (same example ids, or the same count when there are none), the
+    same sketch, model, step counts, summing and dtype, and checkpoints that
+    no other source has.  The result is consolidated; it is written through a
+    temporary folder and committed atomically.
+
+    Returns:
+        the new :class:`FeatureStore`, checkpoints in the order of ``sources``.
+    """
+    stores = [s if isinstance(s, FeatureStore) else FeatureStore(s) for s in sources]
+    if not stores:
+        raise SDIError("combine_checkpoints needs at least one source store.")
+    first = stores[0]
+    seen: dict[str, str] = {}
+    for st in stores:
+        d = describe_difference(first.meta, st.meta, fields=("format_version", "sketch", "model_fingerprint",
+                                                            "layout", "steps", "summed", "dtype", "example_ids"))
+        if d is not None:
+            raise SDIError(f"Cannot combine {first.path!r} and {st.path!r}: {d}.")
+        if st.n_examples != first.n_examples or (
+                first.meta.get("example_ids") and not np.array_equal(st.example_ids, first.example_ids)):
+            raise SDIError(
+                f"Cannot combine {first.path!r} and {st.path!r}: they hold different examples "
+                f"({first.n_examples} vs {st.n_examples} rows, or other ids/order). Featurise the same batches."
+            )
+        for c in st.checkpoints:
+            if c.id in seen:
+                raise SDIError(f"Checkpoint {c.id!r} is in both {seen[c.id]!r} and {st.path!r}; combine each once.")
+            seen[c.id] = st.path
+    root = os.fspath(path)
+    if os.path.exists(root) and os.listdir(root):
+        raise SDIError(f"combine_checkpoints: {root!r} exists and is not empty; choose a new directory.")
+    os.makedirs(root, exist_ok=True)
+    meta = dict(first.meta)
+    meta["checkpoints"] = [c for st in stores for c in st.meta["checkpoints"]]
+    meta["shard_size"] = None
+    tmp = _tmp_name(root, "data")
+    os.makedirs(tmp)
+    files, k_out = {}, 0
+    for st in stores:
+        for k in range(len(st.checkpoints)):
+            for g in st.layout.groups:
+                parts = [seg.arrays[k][g.name] for seg in st.segments]
+                shape = (st.n_examples,) + tuple(parts[0].shape[1:])
+                name = _array_name(k_out, g.name)
+                files[name] = _write_npy(os.path.join(tmp, name), parts, st.dtype, shape)
+            k_out += 1
+    if first.meta.get("example_ids"):
+        ids = first.example_ids.astype(np.int64)
+        files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [ids], np.int64, ids.shape)
+    _fsync_dir(tmp)
+    _ensure_meta(root, meta)
+    os.replace(tmp, os.path.join(root, _DATA))
+    _fsync_dir(root)
+    _atomic_write(root, os.path.join(root, _DATA_COMMIT),
+                  _json_bytes({"rows": first.n_examples, "files": files, "n_shards": 1}))
     _cleanup(root)
     return FeatureStore(root)

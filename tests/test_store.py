@@ -423,3 +423,25 @@ def test_store_scoring_and_cli_import_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"importing the store modules loaded {out.stdout.strip()}"
+
+
+def test_stores_of_one_checkpoint_each_combine(tmp_path):
+    both = make_features(11)
+    parts = []
+    for k, ck in enumerate(CHECKPOINTS):
+        one = Features([both.data[k]], both.layout, (ck,), both.steps, example_ids=both.example_ids)
+        parts.append(write_features(tmp_path / f"ck{k}", one, dtype="float64", summed=True))
+    combined = store_mod.combine_checkpoints(tmp_path / "both", parts)
+    _assert_features_equal(combined.as_features(), both.sum_steps())
+    with pytest.raises(SDIError, match="is in both"):
+        store_mod.combine_checkpoints(tmp_path / "twice", [parts[0], parts[0]])
+    other_rows = write_features(tmp_path / "rows", Features([make_features(10).data[1]], both.layout,
+                                                           (CHECKPOINTS[1],), both.steps,
+                                                           example_ids=both.example_ids[:10]), dtype="float64",
+                                summed=True)
+    with pytest.raises(SDIError, match="different examples"):
+        store_mod.combine_checkpoints(tmp_path / "bad", [parts[0], other_rows])
+    per_step = write_features(tmp_path / "ps", Features([both.data[1]], both.layout, (CHECKPOINTS[1],), both.steps,
+                                                        example_ids=both.example_ids), dtype="float64")
+    with pytest.raises(SDIError, match="step-summed flag differs"):
+        store_mod.combine_checkpoints(tmp_path / "bad2", [parts[0], per_step])
