@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -50,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from sdi_core import FactorUse, SDIError
 
@@ -219,9 +219,10 @@ class BatchCapture:
         for name, p in self.sel.params.items():
             self.views[id(p)] = _View(name, p, tuple(p.shape))
         self.group = {p.name: p.group for p in self.sel.infos}
-        self.batchy = WeakIdKeyDictionary()
+        # id -> weak reference of every tensor known to carry the batch (a dead reference never matches)
+        self.batchy: dict[int, weakref.ref] = {}
         for t in _tensors_deep(batch):
-            self.batchy[t] = True
+            self._mark(t)
         self.use_count = {n: 0 for n in self.sel.params}
         self.n_uses = 0
         self.group_uses = {g: 0 for g in self.sel.groups}
@@ -255,34 +256,39 @@ class BatchCapture:
         return v if v is not None and v.tensor is x else None
 
     def _carries(self, x) -> bool:
-        return isinstance(x, torch.Tensor) and x in self.batchy
+        if not isinstance(x, torch.Tensor):
+            return False
+        ref = self.batchy.get(id(x))
+        return ref is not None and ref() is x
+
+    def _mark(self, t: torch.Tensor) -> None:
+        self.batchy[id(t)] = weakref.ref(t)
 
     def _propagate(self, func, args, kwargs, out) -> None:
         """Mark outputs of ops on batch-carrying inputs (and of data constructors) as batch-carrying."""
         carried = _name(func) in _DATA_CONSTRUCTORS
         if not carried:
-            batchy = self.batchy
             for t in _tensors(args):
-                if t in batchy:
+                if self._carries(t):
                     carried = True
                     break
             if not carried and kwargs:
                 for t in _tensors(kwargs):
-                    if t in batchy:
+                    if self._carries(t):
                         carried = True
                         break
         if not carried:
             return
         for t in _tensors(out):
-            self.batchy[t] = True
+            self._mark(t)
         name = _name(func)
         if args and isinstance(args[0], torch.Tensor) and (
             (name.endswith("_") and not name.startswith("__")) or name in ("__setitem__", "__iadd__", "__imul__")
         ):
-            self.batchy[args[0]] = True  # an in-place write of batch data into a tensor
+            self._mark(args[0])  # an in-place write of batch data into a tensor
         o = kwargs.get("out") if kwargs else None
         if isinstance(o, torch.Tensor):
-            self.batchy[o] = True
+            self._mark(o)
 
     def _derive(self, v: _View, t: torch.Tensor, **changes) -> torch.Tensor:
         nv = _View(v.name, t, v.stored, v.rows, v.transposed, v.lead, v.coef, v.bad)
@@ -358,7 +364,7 @@ class BatchCapture:
             out = out + self._anchor(out)
         if self.phase == "forward":
             if carries or shared:
-                self.batchy[out] = True
+                self._mark(out)
             if recs:
                 for r in recs:
                     r.shared = shared
@@ -898,7 +904,7 @@ def _h_mha(st: BatchCapture, func, args, kwargs, opname):
     out = st._linear_use(attn, ba.arguments["out_proj_weight"], ba.arguments["out_proj_bias"],
                          "multi_head_attention_forward(out_proj)", layout="seq_first")
     if st.phase == "forward" and st._carries(q_in):
-        st.batchy[out] = True
+        st._mark(out)
     return out, weights
 
 
