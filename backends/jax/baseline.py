@@ -16,6 +16,7 @@ models and tests.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Callable, Collection, Sequence
 
 import jax
@@ -37,6 +38,23 @@ def _is_transposed(transposed) -> Callable[[str], bool]:
         return transposed
     names = set(transposed or ())
     return lambda name: name in names
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _untied_grads(untied_loss_fn, b_def, axes, params, copies, mapped, fixed):
+    """Per-example gradients w.r.t. params and the loop copies (jitted once per loss and shapes)."""
+
+    def one(ex_mapped):
+        it = iter(ex_mapped)
+        ex = [x if a is None else jnp.expand_dims(next(it), a) for x, a in zip(fixed, axes)]
+        ex = b_def.unflatten(ex)
+
+        def loss(p, c):
+            return jnp.reshape(untied_loss_fn(p, c, ex), ())
+
+        return jax.grad(loss, argnums=(0, 1))(params, copies)
+
+    return jax.vmap(one, in_axes=([a for a in axes if a is not None],))(mapped)
 
 
 def untied_per_step_gradients(
@@ -74,18 +92,8 @@ def untied_per_step_gradients(
     axes = flat_batch_axes(batch, batch_axes)
     b_leaves, b_def = jax.tree_util.tree_flatten(batch)
     mapped = [x for x, a in zip(b_leaves, axes) if a is not None]
-
-    def one(ex_mapped):
-        it = iter(ex_mapped)
-        ex = [x if a is None else jnp.expand_dims(next(it), a) for x, a in zip(b_leaves, axes)]
-        ex = b_def.unflatten(ex)
-
-        def loss(p, c):
-            return jnp.reshape(untied_loss_fn(p, c, ex), ())
-
-        return jax.grad(loss, argnums=(0, 1))(params, copies)
-
-    g_params, g_copies = jax.jit(jax.vmap(one, in_axes=([a for a in axes if a is not None],)))(mapped)
+    fixed = [None if a is not None else x for x, a in zip(b_leaves, axes)]
+    g_params, g_copies = _untied_grads(untied_loss_fn, b_def, axes, params, copies, mapped, fixed)
     g_leaves = jax.tree_util.tree_leaves(g_params)
     out: dict[str, np.ndarray] = {}
 
