@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -570,7 +571,13 @@ class FeatureStore:
         )
 
     def iter_blocks(
-        self, block_rows: int, start: int = 0, stop: int | None = None, *, min_view_rows: int | None = None
+        self,
+        block_rows: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        min_view_rows: int | None = None,
+        release: bool = True,
     ) -> Iterator[tuple[int, int, list[dict[str, np.ndarray]]]]:
         """Yield ``(row_start, row_stop, [ {group: [n, S, D]} per checkpoint ])`` over rows ``[start, stop)``.
 
@@ -578,6 +585,12 @@ class FeatureStore:
         read-only views of the memory maps (no copy); runs of shards smaller
         than ``min_view_rows`` (default ``block_rows // 4``) are gathered into
         one block (a copy), so tiny shards do not mean tiny blocks.
+
+        With ``release`` (default), once the consumer asks for the next block
+        the pages of the previous one are unmapped from this process
+        (``madvise(MADV_DONTNEED)``; they stay in the page cache), so reading
+        a store larger than memory does not grow the resident set.  Do not
+        keep views of a block after requesting the next one.
         """
         stop = self.n_examples if stop is None else min(stop, self.n_examples)
         if block_rows <= 0:
@@ -595,6 +608,10 @@ class FeatureStore:
                 n = min(avail, block_rows)
                 a = pos - seg.start
                 yield pos, pos + n, [{g: blk[g][a : a + n] for g in groups} for blk in seg.arrays]
+                if release:
+                    for blk in seg.arrays:
+                        for g in groups:
+                            _release_rows(blk[g], a, a + n)
                 pos += n
                 if pos >= seg.stop:
                     si += 1
@@ -608,6 +625,10 @@ class FeatureStore:
                 n = min(seg.stop, end) - p
                 a = p - seg.start
                 pieces.append([{g: blk[g][a : a + n] for g in groups} for blk in seg.arrays])
+                if release:
+                    for blk in seg.arrays:
+                        for g in groups:
+                            _release_rows(blk[g], a, a + n)
                 p += n
                 if p >= seg.stop:
                     si += 1
@@ -678,6 +699,31 @@ class FeatureStore:
             f"sketch={dict(self.layout.sketch)}, {self.dtype}{', summed' if self.summed else ''}, "
             f"{len(self.segments)} segment(s))"
         )
+
+
+def _release_rows(arr: np.ndarray, row_start: int, row_stop: int) -> None:
+    """Unmap the whole pages holding rows ``[row_start, row_stop)`` of a memory map (no-op elsewhere).
+
+    The pages stay in the page cache and fault back in when read again; the
+    point is that a streamed pass over a large store does not keep every page
+    it touched in this process's resident set.
+    """
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+    # np.memmap maps from an allocation-granularity boundary at or before its offset.
+    base = int(arr.offset) % mmap.ALLOCATIONGRANULARITY
+    page = mmap.PAGESIZE
+    lo = base + row_start * row_bytes
+    hi = base + row_stop * row_bytes
+    lo = -(-lo // page) * page
+    hi = (hi // page) * page
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass
 
 
 def open_store(path: str | os.PathLike, *, partial: bool = False, verify: bool = False) -> FeatureStore:
