@@ -43,9 +43,12 @@ class Attributor:
               (e.g. ``[model.attn, model.mlp]`` called once per step each).
             - parameters (or dotted names) only: the ``k``-th use of each
               parameter is step ``k``; all of them must be used equally often.
-            - a mix: parameters outside the modules (a weight the body borrows
-              from another module) are counted in the steps of the module
-              call they are used in.
+            - a mix, e.g. ``[model.body, model.proj]``: parameters outside the
+              called module(s) (a weight the body borrows from another module
+              through ``F.linear``) belong to the step of the call they are
+              used in; a listed module that is never called only lends its
+              parameters.  A loop parameter used outside every loop call is
+              an error (its step would be ambiguous).
 
             The loop parameters form the group ``"loop"`` with one slot per step.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``: per-example losses
@@ -74,6 +77,12 @@ class Attributor:
         plan: the :class:`sdi_core.SketchPlan` (layout and sketch specs).
 
     Canonical shapes are the stored shapes (``nn.Linear``: ``(d_out, d_in)``).
+    Activations must be batch-major (see :mod:`sdi_torch.capture` for the
+    operations the capture understands; any other use of a selected parameter
+    raises an error naming the parameter and the operation).  The capture
+    holds a reference to each use's input until its gradient arrives, as
+    autograd does for a weight that requires grad, so featurisation needs
+    about the memory of one forward + backward pass.
     Nothing is left behind on the model: hooks are removed and parameters,
     ``requires_grad`` flags, ``.grad`` and train/eval mode are restored on
     exit, even on error.
@@ -188,6 +197,7 @@ class Attributor:
                         raise SDIError("featurize got no batches; pass a non-empty iterable of batches.")
                     per_ckpt.append(rows)
         finally:
+            self._workspace.release()
             if original is not None:
                 model.load_state_dict(original)
             for m, flag in modes.items():

@@ -69,9 +69,9 @@ class Workspace:
             self._tables[(key, "spec")] = spec  # keep the spec alive so id() stays unique
         return t
 
-    def clear(self) -> None:
+    def release(self) -> None:
+        """Drop the scratch buffers (the hash tables stay: they are small and reused by every call)."""
         self._buffers.clear()
-        self._tables.clear()
 
 
 class TorchSketcher:
