@@ -341,3 +341,40 @@ def test_import_does_not_touch_jax_config():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, f"import sdi_jax changed jax.config: {out.stderr[-2000:]}"
+
+
+def _toy_loss_tau(tau):
+    def loss(params, batch):
+        h = batch["x"] @ params["emb"]["w"]
+        for _ in range(tau):
+            h = h + jnp.tanh(h @ params["block"]["w"] + params["block"]["b"])
+        logp = jax.nn.log_softmax(h @ params["head"]["w"], axis=-1)
+        return -jnp.take_along_axis(logp, batch["y"][:, None], axis=-1)[:, 0]
+
+    return loss
+
+
+def test_query_loop_count_may_differ_and_jax_features_score_directly(jax_x64):
+    """Train at tau=2, query at tau=4; influence on the jax arrays themselves conserves TracIn."""
+    ck = [Checkpoint(_toy_params(), eta=0.5, name="c")]
+    kw = dict(loop=lambda p: p["block"], extra={"coda": lambda p: p["head"]},
+              sketch=sdi_core.TensorSketch(dim=8, seed=0), progress=False)
+    train = sdi_jax.Attributor(_toy_loss_tau(2), **kw).featurize([_toy_batch(0)], ck)
+    query = sdi_jax.Attributor(_toy_loss_tau(4), **kw).featurize([_toy_batch(1, b=3)], ck)
+    assert train.steps["loop"] == 2 and query.steps["loop"] == 4
+    res = sdi_core.influence(train, query)
+    traj = np.asarray(res.trajectory)
+    assert traj.shape == (4, 3, 5), f"trajectory shape {traj.shape} (4 train, 3 query, 4 loop steps + coda)"
+    direct = np.einsum("ikd,jkd->ij", np.asarray(train.sum_steps().data[0]["loop"]), np.asarray(query.sum_steps().data[0]["loop"]))
+    direct += np.einsum("ikd,jkd->ij", np.asarray(train.data[0]["coda"]), np.asarray(query.data[0]["coda"]))
+    assert _rel(np.asarray(res.tracin), 0.5 * direct) < 1e-12, "TracIn from jax features vs a direct contraction"
+    assert _rel(traj.sum(-1), res.tracin) < 1e-12, "trajectory sums to TracIn"
+
+
+def test_layout_order_option(jax_x64):
+    ck = [Checkpoint(_toy_params(), name="c")]
+    sel = lambda p: [p["block"]["b"], p["block"]["w"]]  # noqa: E731
+    fwd = sdi_jax.Attributor(_toy_loss, loop=sel, sketch=sdi_core.Exact(), progress=False)
+    mine = sdi_jax.Attributor(_toy_loss, loop=sel, sketch=sdi_core.Exact(), progress=False, order="selection")
+    assert fwd.featurize([_toy_batch()], ck).layout.groups[0].params == ("block.w", "block.b"), "forward order"
+    assert mine.featurize([_toy_batch()], ck).layout.groups[0].params == ("block.b", "block.w"), "selection order"

@@ -91,11 +91,16 @@ class Attributor:
             shared by all examples).
         fallback: ``"dense"`` (a use that is not linear, embedding, scale or
             bias is taken as its exact per-example gradient) or ``"error"``.
+        order: parameter order within a group's features: ``"forward"``
+            (first use in the forward pass; for models written top to bottom
+            this is definition order, as in PyTorch's ``named_parameters``)
+            or ``"selection"`` (the order the selector returns the leaves in).
         jit: jit the per-batch featurisation (default True).
         progress: tqdm bar over checkpoints x batches in :meth:`featurize`.
 
-    Parameter names are dotted pytree paths (``block.mlp.fc1.weight``).
-    Within a group, features are laid out in forward order of first use.
+    Parameter names are dotted pytree paths (``block.mlp.fc1.weight``);
+    shapes are canonical (a kernel stored ``(d_in, d_out)`` and used as
+    ``x @ W`` is reported ``(d_out, d_in)``), so features match PyTorch's.
     The library never changes ``jax.config``: enable float64 yourself if
     you want float64 features.
     """
@@ -110,6 +115,7 @@ class Attributor:
         steps: int | None = None,
         batch_axes: Any = 0,
         fallback: str = "dense",
+        order: str = "forward",
         jit: bool = True,
         progress: bool = True,
     ) -> None:
@@ -137,6 +143,9 @@ class Attributor:
             raise SDIError(f"steps={steps!r}: the number of loop steps must be a positive int (or None).")
         if fallback not in ("dense", "error"):
             raise SDIError(f"fallback={fallback!r}: expected 'dense' or 'error'.")
+        if order not in ("forward", "selection"):
+            raise SDIError(f"order={order!r}: expected 'forward' or 'selection'.")
+        self.order = order
         self.loss_fn = loss_fn
         self.selectors = selectors
         self.sketch = sketch
@@ -157,7 +166,7 @@ class Attributor:
         if plan is None:
             groups = {g: select_leaves(params, sel, f"{g!r}") for g, sel in self.selectors.items()}
             plan = build_plan(self.loss_fn, params, batch, groups, batch_axes=self.batch_axes,
-                              fallback=self.fallback, steps=self.steps)
+                              fallback=self.fallback, steps=self.steps, order=self.order)
             self._plans[key] = plan
         return plan
 

@@ -293,9 +293,8 @@ def _axis_map(leaf_shape: tuple, ops: tuple) -> list | None:
 
 
 class _Walker:
-    def __init__(self, leaf_avals: Sequence, leaf_group: Mapping[int, str], fallback: str, names: Sequence[str]):
+    def __init__(self, leaf_avals: Sequence, fallback: str, names: Sequence[str]):
         self.leaf_avals = leaf_avals
-        self.leaf_group = leaf_group
         self.fallback = fallback
         self.names = names
         self.sites: list[Site] = []
@@ -634,6 +633,7 @@ def build_plan(
     batch_axes=0,
     fallback: str = "dense",
     steps: int | None = None,
+    order: str = "forward",
 ) -> CapturePlan:
     """Trace ``loss_fn`` for one example and locate every use of the selected leaves.
 
@@ -647,12 +647,19 @@ def build_plan(
             a linear/embedding/scale/bias use) or ``"error"``.
         steps: expected number of loop steps (checked; needed when a
             Python-unrolled body uses a leaf more than once per step).
+        order: layout order of the parameters within a group: ``"forward"``
+            (order of first use in the forward pass, which is definition order
+            for models written top to bottom and does not depend on how a
+            pytree sorts its keys) or ``"selection"`` (the order the
+            selectors return the leaves in).
 
     Raises:
         SDIError: for losses of the wrong shape, unused leaves, ambiguous steps.
     """
     if fallback not in ("dense", "error"):
         raise SDIError(f"fallback={fallback!r}: expected 'dense' or 'error'.")
+    if order not in ("forward", "selection"):
+        raise SDIError(f"order={order!r}: expected 'forward' or 'selection'.")
     names = leaf_names(params)
     p_leaves, p_def = jax.tree_util.tree_flatten(params)
     b_leaves, b_def = jax.tree_util.tree_flatten(batch)
@@ -691,7 +698,7 @@ def build_plan(
     closed = jax.make_jaxpr(per_example)(p_structs, ex_structs)
     jaxpr = closed.jaxpr
     leaf_avals = [v.aval for v in jaxpr.invars[: len(p_leaves)]]
-    walker = _Walker(leaf_avals, leaf_group, fallback, names)
+    walker = _Walker(leaf_avals, fallback, names)
     tracked = {jaxpr.invars[i]: _Track(i) for i in leaf_group}
     scope, _ = walker.walk(jaxpr, tracked, _Ctx())
     sites = walker.sites
@@ -706,12 +713,14 @@ def build_plan(
 
     mode, n_steps = _resolve_steps(sites, leaf_group, walker, names, steps)
 
-    # parameter infos: canonical shapes, layout order = first use in forward order within each group
+    # parameter infos: canonical shapes; layout order within a group: first use in the forward pass, or selection
     first_use: dict[int, int] = {}
     for s in sorted(sites, key=lambda s: s.order):
         first_use.setdefault(s.leaf, s.order)
+    selection = {i: k for k, i in enumerate(i for idx in groups.values() for i in idx)}
+    rank = first_use if order == "forward" else selection
     infos, leaf_index, canon = [], {}, {}
-    for i in sorted(leaf_group, key=lambda i: first_use[i]):
+    for i in sorted(leaf_group, key=lambda i: rank[i]):
         shape = tuple(leaf_avals[i].shape)
         c = walker.canon.get(i, tuple(range(len(shape))))
         canon[i] = c
