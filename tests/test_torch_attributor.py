@@ -437,3 +437,58 @@ def test_activation_modified_in_place_after_its_use_is_an_error():
     model = InPlace().double().eval()
     with pytest.raises(SDIError, match=r"input of 'linear' \(a use of parameter 'body.weight' at step 1\) was modified"):
         sdi_torch.Attributor(model, model.body, _token_loss, progress=False).featurize([make_batch(1)])
+
+
+@pytest.mark.parametrize("how", ["setitem", "copy_", "inplace"])
+def test_writes_from_or_into_a_selected_parameter_are_errors(how):
+    class Writes(Borrowing):
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            for _ in range(self.tau):
+                h = h + torch.tanh(self.body(h))
+            w = torch.zeros_like(self.head.weight)
+            if how == "setitem":
+                w[:] = self.head.weight  # the copy carries head.weight's gradient
+            elif how == "copy_":
+                w.copy_(self.head.weight)
+            else:
+                self.head.weight.mul_(1.0)
+            return F.linear(h, w if how != "inplace" else self.head.weight) + 0 * self.head.bias
+
+    model = Writes().double().eval()
+    before = model.head.weight.detach().clone()
+    with pytest.raises(SDIError, match=r"Parameter 'head.weight'.*(__setitem__|copy_|mul_)"):
+        sdi_torch.Attributor(model, model.body, _token_loss, groups={"coda": [model.head]},
+                             progress=False).featurize([make_batch(1)])
+    assert torch.equal(model.head.weight.detach(), before)
+
+
+def test_harmless_uses_of_a_parameter_pass_and_change_nothing():
+    class Harmless(Borrowing):
+        def forward(self, tokens):
+            w = self.body.weight
+            assert w.shape == (8, 8) and w.dim() == 2 and w.grad is None
+            flags = (w == 0).any() | torch.isnan(w).any()  # comparisons carry no gradient
+            scratch = torch.zeros_like(w)
+            with torch.no_grad():
+                self.norm_seen = float(w.norm())  # logging under no_grad
+            h = self.emb(tokens) + 0 * scratch.sum() + flags.to(w.dtype)
+            for _ in range(self.tau):
+                h = h + torch.tanh(self.body(h))
+            return self.head(h)
+
+    class Plain(Borrowing):
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            for _ in range(self.tau):
+                h = h + torch.tanh(self.body(h))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Harmless().double().eval()
+    plain = Plain().double().eval()
+    plain.load_state_dict(model.state_dict())
+    got = sdi_torch.Attributor(model, model.body, _token_loss, progress=False).featurize([make_batch(1)])
+    want = sdi_torch.Attributor(plain, plain.body, _token_loss, progress=False).featurize([make_batch(1)])
+    assert max_err(got.data[0]["loop"], want.data[0]["loop"]) == 0.0
+    assert model.norm_seen > 0

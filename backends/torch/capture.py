@@ -152,7 +152,13 @@ _VIEW_OPS = {
     "float", "double", "half", "bfloat16", "__getitem__", ".T", ".mT", ".H", ".mH", "neg", "__neg__", "negative",
     "index_select",
 }  # fmt: skip
-_UNTRACKED = {"detach", ".data", "detach_"}
+_UNTRACKED = {"detach", ".data", ".grad"}  # no gradient flows through these, in training either
+# Outputs that depend on a tensor's shape only (the random ones must not be re-run to probe them).
+_SHAPE_ONLY = {
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "new_zeros",
+    "new_ones", "new_empty", "new_full", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "__len__",
+}  # fmt: skip
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__", "__imatmul__"}
 _ELEMENTWISE = {
     "mul", "__mul__", "__rmul__", "multiply", "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "subtract",
     "rsub", "div", "__truediv__", "true_divide", "divide",
@@ -411,6 +417,13 @@ class BatchCapture:
             self.replayed = (views[0].name, opname)
         if opname in _UNTRACKED:
             return func(*args, **kwargs)
+        if (opname.endswith("_") and not opname.startswith("__")) or opname in _INPLACE_DUNDERS or (
+            kwargs and self._view_of(kwargs.get("out")) is not None
+        ):
+            if args and self._view_of(args[0]) is not None or self._view_of(kwargs.get("out")) is not None:
+                raise self._fail(views[0], opname, "in-place modification of a selected parameter during the "
+                                 "forward pass is not supported (it would also fail in training).")
+            raise self._unsupported(views[0], opname)  # e.g. buffer[i] = W: the copy carries W's gradient
         handler = _HANDLERS.get(func) or _HANDLERS_BY_NAME.get(opname)
         if handler is not None:
             return handler(self, func, args, kwargs, opname)
@@ -418,15 +431,27 @@ class BatchCapture:
             return self._view_op(func, args, kwargs, opname)
         if opname in _ELEMENTWISE:
             return self._elementwise(func, args, kwargs, opname)
-        if opname.endswith("_") and not opname.startswith("__"):
-            raise self._fail(views[0], opname, "in-place modification of a selected parameter during the forward "
-                             "pass is not supported (it would also fail in training).")
-        out = func(*args, **kwargs)
-        if not any(torch.is_floating_point(t) or torch.is_complex(t) for t in _tensors(out)) and not (
-            isinstance(out, torch.Tensor) and torch.is_floating_point(out)
-        ):
-            return out  # sizes, booleans, comparisons: no gradient
+        if opname in _SHAPE_ONLY or self._differentiable(func, args, kwargs) is False:
+            return func(*args, **kwargs)  # sizes, comparisons, zeros_like: no gradient reaches the parameter
         raise self._unsupported(views[0], opname)
+
+    def _differentiable(self, func, args, kwargs) -> bool:
+        """Whether ``func``'s outputs depend differentiably on the selected parameters among its arguments."""
+        def probe(x):
+            if isinstance(x, torch.Tensor) and self._view_of(x) is not None and (
+                torch.is_floating_point(x) or torch.is_complex(x)
+            ):
+                return x.detach().requires_grad_(True)
+            if isinstance(x, (list, tuple)):
+                return type(x)(probe(y) for y in x)
+            return x
+
+        try:
+            with torch.enable_grad():
+                out = func(*[probe(a) for a in args], **{k: probe(v) for k, v in kwargs.items()})
+        except Exception:
+            return True  # cannot tell: treat as a gradient path (and raise)
+        return any(t.requires_grad for t in _tensors(out))
 
     # ------------------------------------------------------------ view ops
     def _view_op(self, func, args, kwargs, opname):
