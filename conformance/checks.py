@@ -68,6 +68,9 @@ RTOL_FLOAT64 = 1e-10
 RTOL_FLOAT32 = 2e-4
 BATCH = 4  # examples per batch; halves of 2 for the batch-split check
 SKETCH_DIM = 32  # small enough that most weights are TensorSketched, biases stored exactly
+# One sketch for most checks (and few distinct sketches and batch shapes overall), so that a
+# compiling backend traces each model a handful of times, not once per check.
+SKETCH = TensorSketch(SKETCH_DIM, seed=1)
 
 
 # --------------------------------------------------------------------------- context
@@ -114,8 +117,8 @@ class _Ctx:
         except Exception as exc:  # noqa: BLE001
             fail(self.call(f"backend.to_numpy({what})"), "a NumPy array", f"{type(exc).__name__}: {exc}")
 
-    def featurize(self, handle, batches, sketch, checkpoints=None, *, jit: bool = False) -> Features:
-        method = "featurize_jit" if jit else "featurize"
+    def featurize(self, handle, batches, sketch, checkpoints=None, *, eager: bool = False) -> Features:
+        method = "featurize_eager" if eager else "featurize"
         text = f"backend.{method}(handle, {_batches_text(batches)}, {_sketch_text(sketch)}, {_ckpts_text(checkpoints)})"
         feats = self.invoke(text, getattr(self.backend, method), handle, batches, sketch, checkpoints)
         if not isinstance(feats, Features):
@@ -400,8 +403,8 @@ def check_per_step_gradients(backend, model: str = "looped_transformer") -> None
 def check_sketched_features(backend, model: str = "looped_transformer") -> None:
     """Sketched features equal the sketch of the reference factors (same seed, same features).
 
-    Three sketches: TensorSketch by FFT, TensorSketch by exact-then-hash (two
-    seeds) and Exact.  The layout, steps and checkpoint bookkeeping must match
+    Three sketches: TensorSketch by FFT (seed 2), TensorSketch with the
+    default route (seed 1; exact-then-hash at these sizes) and Exact.  The layout, steps and checkpoint bookkeeping must match
     :class:`sdi_core.SketchPlan`; the values must match
     :func:`sdi_core.sketch_uses` applied to the NumPy reference's factors.
     """
@@ -409,8 +412,7 @@ def check_sketched_features(backend, model: str = "looped_transformer") -> None:
     spec = ctx.spec
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=0)
-    for sketch in (TensorSketch(SKETCH_DIM, seed=11, route="fft"), TensorSketch(SKETCH_DIM, seed=12, route="exact_hash"),
-                   Exact()):  # fmt: skip
+    for sketch in (TensorSketch(SKETCH_DIM, seed=2, route="fft"), SKETCH, Exact()):
         plan = SketchPlan(sketch, spec.params)
         feats = ctx.featurize(handle, [batch], sketch)
         call = ctx.call(f"backend.featurize(handle, [batch of {BATCH}], {_sketch_text(sketch)})")
@@ -434,13 +436,13 @@ def check_tracin_conservation(backend, model: str = "looped_transformer") -> Non
     ctx = _make_ctx(backend, model)
     spec = ctx.spec
     handle = ctx.build()
-    train_b, query_b = spec.batch(4, seed=1), spec.batch(3, seed=2)
+    train_b, query_b = spec.batch(BATCH, seed=1), spec.batch(BATCH // 2, seed=2)
     ckpts = _checkpoints(spec)
     etas = [c.eta for c in ckpts]
     tr = ctx.featurize(handle, [train_b], Exact(), ckpts)
     q = ctx.featurize(handle, [query_b], Exact(), ckpts)
-    call = ctx.call(f"sdi_core.influence(backend.featurize(handle, [train batch of 4], Exact(), {_ckpts_text(ckpts)}),"
-                    " backend.featurize(handle, [query batch of 3], ...))")
+    call = ctx.call(f"sdi_core.influence(backend.featurize(handle, [train batch of {BATCH}], Exact(), "
+                    f"{_ckpts_text(ckpts)}), backend.featurize(handle, [query batch of {BATCH // 2}], ...))")
     res = ctx.invoke("sdi_core.influence(train, query)", influence, tr, q)
     traj = ctx.np(res.trajectory, "trajectory")
     tracin = ctx.np(res.tracin, "tracin")
@@ -448,12 +450,13 @@ def check_tracin_conservation(backend, model: str = "looped_transformer") -> Non
     q_grads = [spec.reference_per_step_gradients(query_b, c.source) for c in ckpts]
     groups = [g for g in ("prelude", "loop", "coda") if g in spec.steps]
     ref = exact_sdi(tr_grads, q_grads, etas, spec.params, groups)
-    tied = np.zeros((4, 3))
+    n_tr, n_q = BATCH, BATCH // 2
+    tied = np.zeros((n_tr, n_q))
     for k, c in enumerate(ckpts):
         f_tr = spec.reference_full_gradients(train_b, c.source)
         f_q = spec.reference_full_gradients(query_b, c.source)
         for p in spec.params:
-            tied += etas[k] * f_tr[p.name].reshape(4, -1) @ f_q[p.name].reshape(3, -1).T
+            tied += etas[k] * f_tr[p.name].reshape(n_tr, -1) @ f_q[p.name].reshape(n_q, -1).T
     assert_close(traj, ref["trajectory"], rtol=ctx.rtol, call=call,
                  what="query-step trajectory [N_train, N_query, slots] (Exact features)")
     assert_close(traj.sum(axis=-1), tied, rtol=ctx.rtol, call=call, what="trajectory summed over query slots",
@@ -461,7 +464,7 @@ def check_tracin_conservation(backend, model: str = "looped_transformer") -> Non
                  hint="a use missing from the features (a dropped bias, a skipped step) breaks conservation")
     assert_close(tracin, tied, rtol=ctx.rtol, call=call, what="TracIn [N_train, N_query]",
                  against="TracIn of the reference's tied per-example gradients")
-    sketch = TensorSketch(SKETCH_DIM, seed=3)
+    sketch = SKETCH
     tr_s = ctx.featurize(handle, [train_b], sketch, ckpts)
     q_s = ctx.featurize(handle, [query_b], sketch, ckpts)
     res_s = ctx.invoke("sdi_core.influence(train, query) (TensorSketch)", influence, tr_s, q_s)
@@ -484,7 +487,7 @@ def check_batch_split_invariance(backend, model: str = "looped_transformer") -> 
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=3)
     halves = [_split(batch, 0, BATCH // 2), _split(batch, BATCH // 2, BATCH)]
-    sketch = TensorSketch(SKETCH_DIM, seed=5)
+    sketch = SKETCH
     whole = ctx.featurize(handle, [batch], sketch)
     both = ctx.featurize(handle, halves, sketch)
     parts = [ctx.featurize(handle, [h], sketch) for h in halves]
@@ -514,7 +517,7 @@ def check_no_side_effects(backend, model: str = "looped_transformer") -> None:
     """Calls leave nothing behind: parameters bit-identical, probe unchanged, no global state changed.
 
     After each of ``factor_stream``, ``featurize`` at two other checkpoints,
-    ``per_step_gradients``, ``full_gradients`` (and ``featurize_jit`` when
+    ``per_step_gradients``, ``full_gradients`` (and ``featurize_eager`` when
     declared), and after a ``featurize`` that fails (a checkpoint with a NaN
     weight), the suite compares :meth:`parameters` bit for bit,
     :meth:`side_effect_probe` with ``==`` and NumPy's global RNG and error
@@ -524,7 +527,7 @@ def check_no_side_effects(backend, model: str = "looped_transformer") -> None:
     spec = ctx.spec
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=0)
-    sketch = TensorSketch(SKETCH_DIM, seed=3)
+    sketch = SKETCH
     ckpts = _checkpoints(spec)
 
     def snapshot():
@@ -545,8 +548,8 @@ def check_no_side_effects(backend, model: str = "looped_transformer") -> None:
         ("backend.full_gradients(handle, batch)", lambda: backend.full_gradients(handle, batch), False),
     ]
     if backend.capabilities.jit:
-        calls.append((f"backend.featurize_jit(handle, [batch], {_sketch_text(sketch)}, {_ckpts_text(ckpts)})",
-                      lambda: backend.featurize_jit(handle, [batch], sketch, ckpts), False))
+        calls.append((f"backend.featurize_eager(handle, [batch], {_sketch_text(sketch)}, {_ckpts_text(ckpts)})",
+                      lambda: backend.featurize_eager(handle, [batch], sketch, ckpts), False))
     calls.append((f"backend.featurize(handle, [batch], {_sketch_text(sketch)}, [checkpoint with a NaN in {first!r}]) "
                   "(expected to fail)",
                   lambda: backend.featurize(handle, [batch], sketch, [Checkpoint(nan_w, eta=1.0, name="nan")]), True))
@@ -580,7 +583,7 @@ def check_repeat_calls_identical(backend, model: str = "looped_transformer") -> 
     spec = ctx.spec
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=0)
-    sketch = TensorSketch(SKETCH_DIM, seed=4)
+    sketch = SKETCH
     exact = bool(backend.capabilities.deterministic)
     rtol = 0.0 if exact else 1e-12 if ctx.dtype == "float64" else 1e-5
     first = ctx.featurize(handle, [batch], sketch)
@@ -618,7 +621,7 @@ def check_float64(backend, model: str = "looped_transformer") -> None:
     spec = ctx.spec
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=0)
-    sketch = TensorSketch(SKETCH_DIM, seed=6)
+    sketch = SKETCH
 
     def want_f64(arr: np.ndarray, call: str, what: str) -> None:
         if arr.dtype != np.float64:
@@ -652,7 +655,7 @@ def check_float64(backend, model: str = "looped_transformer") -> None:
 
 
 def check_jit_matches_eager(backend, model: str = "looped_transformer") -> None:
-    """``featurize_jit`` equals ``featurize`` for new weights and new batches of a shape already traced.
+    """The compiled ``featurize`` equals ``featurize_eager`` for new weights and new batches of a traced shape.
 
     Four calls in a row (batch/checkpoint: A/a, B/b, A/b, [A, B]/[a, b]) catch
     a compiled function that caches values it should take as arguments.
@@ -660,14 +663,14 @@ def check_jit_matches_eager(backend, model: str = "looped_transformer") -> None:
     ctx = _make_ctx(backend, model)
     spec = ctx.spec
     handle = ctx.build()
-    sketch = TensorSketch(SKETCH_DIM, seed=8)
+    sketch = SKETCH
     b1, b2 = spec.batch(BATCH, seed=0), spec.batch(BATCH, seed=9)
     ck_a, ck_b = _checkpoints(spec, etas=(0.5, 0.25), names=("jit-a", "jit-b"))
     for batches, ckpts in (([b1], [ck_a]), ([b2], [ck_b]), ([b1], [ck_b]), ([b1, b2], [ck_a, ck_b])):
-        eager = ctx.featurize(handle, batches, sketch, ckpts)
-        jitted = ctx.featurize(handle, batches, sketch, ckpts, jit=True)
-        call = ctx.call(f"backend.featurize_jit(handle, {_batches_text(batches)}, {_sketch_text(sketch)}, "
-                        f"{_ckpts_text(ckpts)}) vs backend.featurize(...)")
+        jitted = ctx.featurize(handle, batches, sketch, ckpts)
+        eager = ctx.featurize(handle, batches, sketch, ckpts, eager=True)
+        call = ctx.call(f"backend.featurize(handle, {_batches_text(batches)}, {_sketch_text(sketch)}, "
+                        f"{_ckpts_text(ckpts)}) vs backend.featurize_eager(...)")
         plan = SketchPlan(sketch, spec.params)
         _check_features_structure(ctx, jitted, plan, sum(_n(b) for b in batches), len(ckpts), call)
         if [c.id for c in jitted.checkpoints] != [c.id for c in eager.checkpoints]:
@@ -682,7 +685,7 @@ def check_devices_agree(backend, model: str = "looped_mlp") -> None:
     base = _make_ctx(backend, model, devices[0])
     spec = base.spec
     batch = spec.batch(BATCH, seed=0)
-    sketch = TensorSketch(SKETCH_DIM, seed=10)
+    sketch = SKETCH
     want = _features_np(base, base.featurize(base.build(), [batch], sketch))
     for dev in devices[1:]:
         ctx = _make_ctx(backend, model, dev)
@@ -755,7 +758,7 @@ def check_nonfinite_rejected(backend, model: str = "looped_transformer") -> None
         ck = [Checkpoint(w, eta=1.0, name="nonfinite")]
         _expect_sdierror(ctx, f"backend.featurize(handle, [batch], TensorSketch(dim={SKETCH_DIM}), "
                               f"[checkpoint with {value} in {loop_param!r}])",
-                         lambda ck=ck: backend.featurize(handle, [batch], TensorSketch(SKETCH_DIM, seed=0), ck),
+                         lambda ck=ck: backend.featurize(handle, [batch], SKETCH, ck),
                          any_of=["nan", "inf", "finite"])
 
 
@@ -809,7 +812,7 @@ def check_mismatched_sketches_rejected(backend, model: str = "looped_transformer
     spec = ctx.spec
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=0)
-    a = ctx.featurize(handle, [batch], TensorSketch(SKETCH_DIM, seed=1))
+    a = ctx.featurize(handle, [batch], SKETCH)
     same = ctx.featurize(handle, [batch], TensorSketch(SKETCH_DIM, seed=1, route="fft"))
     _expect_compatible(ctx, a, same, "features at TensorSketch(dim=32, seed=1) twice (routes differ)")
     for other in (TensorSketch(SKETCH_DIM, seed=2), TensorSketch(2 * SKETCH_DIM, seed=1), Exact()):
@@ -828,7 +831,7 @@ def check_mismatched_checkpoints_rejected(backend, model: str = "looped_transfor
     spec = ctx.spec
     handle = ctx.build()
     batch = spec.batch(BATCH, seed=0)
-    sk = TensorSketch(SKETCH_DIM, seed=1)
+    sk = SKETCH
     w1, w2 = spec.perturbed_weights(1), spec.perturbed_weights(2)
 
     def feats(ckpts):
@@ -855,7 +858,7 @@ def check_mismatched_selection_rejected(backend, model: str = "looped_transforme
     spec = ctx.spec
     batch = spec.batch(BATCH, seed=0)
     dropped = next(p.name for p in spec.params if p.group == "loop" and p.name.endswith(".bias"))
-    sk = TensorSketch(SKETCH_DIM, seed=1)
+    sk = SKETCH
     full = ctx.featurize(ctx.build(), [batch], sk)
     fewer = ctx.featurize(ctx.build(spec.without_params([dropped])), [batch], sk)
     _expect_influence_error(ctx, full, fewer, f"train with every parameter, query without {dropped!r}",

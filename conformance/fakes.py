@@ -241,7 +241,7 @@ class TransposedParameters(_Fake):
 
 
 class JitStaleCache(_Fake):
-    """A compiled path that closes over the first call's weights and batch instead of taking them as arguments."""
+    """A compiled ``featurize`` that closes over the first call's weights and batch instead of taking them as arguments."""
 
     meant_for = ("check_jit_matches_eager",)
 
@@ -250,19 +250,22 @@ class JitStaleCache(_Fake):
         self.capabilities = dataclasses.replace(NumpyBackend.capabilities, jit=True)
         self._compiled: dict = {}
 
-    def featurize_jit(self, model, batches, sketch, checkpoints=None):
+    def featurize_eager(self, model, batches, sketch, checkpoints=None):
+        return NumpyBackend.featurize(self, model, batches, sketch, checkpoints)
+
+    def featurize(self, model, batches, sketch, checkpoints=None):
         shapes = tuple(tuple((k, np.shape(v)) for k, v in sorted(b.items())) for b in batches)
         key = (id(model), repr(sketch.fingerprint()), shapes, len(checkpoints or ()))
         if key not in self._compiled:
             # "Trace": the broken version bakes the first inputs into the compiled function.
             first = (batches, checkpoints)
             self._compiled[key] = (
-                lambda b, c: self.featurize(model, first[0], sketch, first[1]) if self.broken
-                else self.featurize(model, b, sketch, c)
+                (lambda b, c: self.featurize_eager(model, first[0], sketch, first[1])) if self.broken
+                else (lambda b, c: self.featurize_eager(model, b, sketch, c))
             )
         feats = self._compiled[key](batches, checkpoints)
-        eager_infos = self.featurize(model, batches[:1], sketch, checkpoints).checkpoints
-        return dataclasses.replace(feats, checkpoints=eager_infos)
+        infos = self.featurize_eager(model, batches[:1], sketch, checkpoints).checkpoints
+        return dataclasses.replace(feats, checkpoints=infos)
 
 
 class DevicesDisagree(_Fake):

@@ -54,8 +54,11 @@ class Capabilities:
             ``1e-10`` relative to the float64 NumPy reference, and
             ``check_float64`` is run.  When false, models are built with
             ``dtype="float32"`` and compared at ``2e-4``.
-        jit: the backend has a compiled path, :meth:`Backend.featurize_jit`;
-            ``check_jit_matches_eager`` compares it with :meth:`Backend.featurize`.
+        jit: :meth:`Backend.featurize` compiles (``jax.jit``, ``torch.compile``,
+            ...) and the backend also provides ``featurize_eager(handle,
+            batches, sketch, checkpoints=None)``, the same computation without
+            compilation; ``check_jit_matches_eager`` compares the two.  Every
+            other check runs the compiled path, the one users run.
         devices: device names the backend accepts in :meth:`Backend.build`;
             the first is used by every check, and ``check_devices_agree``
             compares the others with it.
@@ -208,7 +211,7 @@ REQUIRED_METHODS = (
     "to_numpy",
     "side_effect_probe",
 )
-OPTIONAL_METHODS = ("featurize_jit",)
+OPTIONAL_METHODS = ("featurize_eager",)
 
 
 def validate_backend(backend: Any, where: str = "backend") -> None:
@@ -218,8 +221,8 @@ def validate_backend(backend: Any, where: str = "backend") -> None:
     caps = getattr(backend, "capabilities", None)
     if not isinstance(caps, Capabilities):
         missing.append("capabilities (an sdi_conformance.Capabilities)")
-    elif caps.jit and not callable(getattr(backend, "featurize_jit", None)):
-        missing.append("featurize_jit (declared by capabilities.jit=True)")
+    elif caps.jit and not callable(getattr(backend, "featurize_eager", None)):
+        missing.append("featurize_eager (declared by capabilities.jit=True)")
     if missing:
         raise SDIError(
             f"{where} ({type(backend).__name__}) does not implement the sdi_conformance backend protocol: "
