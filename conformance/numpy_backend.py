@@ -123,7 +123,7 @@ class NumpyBackend:
         if not batches:
             raise SDIError("featurize: no batches given; pass a non-empty list of batches.")
         if checkpoints is None:
-            checkpoints = [Checkpoint(model.weights, eta=1.0, name="current")]
+            checkpoints = [Checkpoint(model.weights, eta=1.0)]  # id: a hash of the current weights
         # A framework backend installs hooks here; the reference models them so the
         # broken backends can forget to remove them.
         model.hooks.append("capture")
