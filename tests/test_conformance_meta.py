@@ -141,3 +141,47 @@ def test_check_failure_is_an_assertion_error():
     with pytest.raises(AssertionError):
         dict(yield_checks(StepsReversed(), ["check_factor_stream"]))["check_factor_stream[looped_mlp]"]()
     assert issubclass(CheckFailure, AssertionError)
+
+
+# --------------------------------------------------------------------------- comparators
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from sdi_conformance.compare import assert_close, assert_equal_arrays  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 2**16),
+       rel=st.floats(1e-9, 1e3))
+def test_assert_close_catches_any_entry_off_by_more_than_the_tolerance(shape, seed, rel):
+    rng = np.random.default_rng(seed)
+    want = rng.standard_normal(shape)
+    assert_close(want.copy(), want, rtol=1e-10, call="f(x)", what="y")
+    idx = tuple(int(rng.integers(0, s)) for s in shape)
+    got = want.copy()
+    got[idx] += 2e-10 * np.abs(want).max() * (1 + rel)
+    with pytest.raises(CheckFailure) as info:
+        assert_close(got, want, rtol=1e-10, call="f(x)", what="y")
+    msg = str(info.value)
+    assert f"at index {idx}" in msg and "called:   f(x)" in msg and "expected: y" in msg, msg
+
+
+@pytest.mark.parametrize("got, pattern", [
+    (np.zeros((2, 3)), "of shape"),
+    (np.array([[0.0, np.nan, 0.0]]), "non-finite"),
+    (np.zeros((1, 3), dtype=np.complex128), "real floating-point"),
+])
+def test_assert_close_rejects_shape_nonfinite_and_complex(got, pattern):
+    with pytest.raises(CheckFailure, match=pattern):
+        assert_close(got, np.zeros((1, 3)), rtol=1e-10, call="f", what="y")
+
+
+def test_assert_equal_arrays_is_bitwise_and_dtype_strict():
+    a = np.arange(6.0).reshape(2, 3)
+    assert_equal_arrays(a.copy(), a, call="f", what="w")
+    with pytest.raises(CheckFailure, match="float32"):
+        assert_equal_arrays(a.astype(np.float32), a, call="f", what="w")
+    b = a.copy()
+    b[1, 2] = np.nextafter(b[1, 2], np.inf)
+    with pytest.raises(CheckFailure, match=r"first at index \(1, 2\)"):
+        assert_equal_arrays(b, a, call="f", what="w")
