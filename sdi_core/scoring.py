@@ -38,7 +38,9 @@ from .store import FeatureStore
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "DEFAULT_BLOCK_ROWS",
     "DENSE_KINDS",
+    "BlockPlan",
     "StreamedScores",
     "SelfInfluence",
     "score_store",
