@@ -694,7 +694,7 @@ def build_plan(
     def per_example(p_flat, b_flat):
         return loss_fn(p_def.unflatten(p_flat), b_def.unflatten(b_flat))
 
-    p_structs = [jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype)) for x in p_leaves]
+    p_structs = [_example_struct(x, None) for x in p_leaves]
     closed = jax.make_jaxpr(per_example)(p_structs, ex_structs)
     jaxpr = closed.jaxpr
     leaf_avals = [v.aval for v in jaxpr.invars[: len(p_leaves)]]
