@@ -46,12 +46,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--vocab", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dim", type=int, default=8192, help="sketch dimension m per tensor")
-    ap.add_argument("--forms", default="unrolled,scan", help="comma-separated: unrolled, scan")
+    ap.add_argument("--forms", default=None,
+                    help="comma-separated: unrolled, scan (default both; --quick: unrolled only)")
     ap.add_argument("--groups", default="loop", choices=("loop", "all"),
                     help="attribute through the loop body only (default) or every parameter")
     args = ap.parse_args(argv)
-    if args.quick:
+    if args.quick:  # XLA compilation dominates: one form, a tiny model
         args.d_model, args.heads, args.tau, args.seq, args.vocab, args.batch, args.dim = 32, 2, 2, 16, 32, 4, 512
+    if args.forms is None:
+        args.forms = "unrolled" if args.quick else "unrolled,scan"
     repeats = args.repeats or (2 if args.quick else 5)
     info = common.setup(args.threads)
     flags = os.environ.get("XLA_FLAGS", "")
