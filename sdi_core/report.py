@@ -244,6 +244,19 @@ def _pretty_slot(label: str) -> str:
     return label
 
 
+def _slot_axis(ax, slot_labels: Sequence[str], what: str = "query slot") -> None:
+    """Ticks for a slot axis: ``pre, 1, 2, ..., coda`` when there are many slots, else ``step t``."""
+    many = len(slot_labels) > 7
+    ticks = []
+    for lab in slot_labels:
+        if lab.startswith("loop["):
+            ticks.append(str(int(lab[5:-1]) + 1) if many else _pretty_slot(lab))
+        else:
+            ticks.append({"prelude": "pre"}.get(lab, lab) if many else lab)
+    ax.set_xticks(np.arange(len(slot_labels)), ticks)
+    ax.set_xlabel(f"{what}: loop step t" + (" (pre = prelude slot)" if many and "prelude" in slot_labels else ""))
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).reshape(-1)
     b = np.asarray(b, dtype=np.float64).reshape(-1)
@@ -532,19 +545,18 @@ def _query_rows(data: ReportData, j: int, n_each: int) -> tuple[np.ndarray, int]
 def _plot_query(data: ReportData, j: int, path: Path, n_each: int = 5) -> Path:
     rows, n_pro = _query_rows(data, j, n_each)
     vals = data.trajectory[rows, j, :]  # [r, S]
-    labels = [_pretty_slot(s) for s in data.slot_labels]
-    rot = 30 if len(labels) > 7 else 0
+    labels = list(data.slot_labels)
     fig, ax = _figure(13, 0.36 * len(rows) + 2.6, ncols=2, gridspec_kw={"width_ratios": [1.25, 1]})
+    fig.get_layout_engine().set(wspace=0.06)
     ax_h, ax_l = ax[0]
     lim = float(np.abs(vals).max()) or 1.0
     im = ax_h.imshow(vals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax_h.set_xticks(range(len(labels)), labels, rotation=rot)
+    _slot_axis(ax_h, labels)
     tracin = vals.sum(axis=1)
     ax_h.set_yticks(range(len(rows)), [f"{_label_of(data, i)}  (TracIn {_fmt(t)})" for i, t in zip(rows, tracin)],
                     fontsize=8)
     if 0 < n_pro < len(rows):
         ax_h.axhline(n_pro - 0.5, color="k", lw=1.2)
-    ax_h.set_xlabel("query slot t")
     ax_h.set_ylabel("training example\n(proponents above the line, opponents below)", fontsize=9)
     ax_h.set_title("I(i, j, t) of the top training examples", fontsize=10)
     cb = fig.colorbar(im, ax=ax_h, shrink=0.9, pad=0.02)
@@ -555,8 +567,7 @@ def _plot_query(data: ReportData, j: int, path: Path, n_each: int = 5) -> Path:
         ax_l.plot(x, vals[r], "-" if r < n_pro else "--", color=color, marker="o", ms=3, lw=1.3,
                   label=_short(_label_of(data, i), 24))
     ax_l.axhline(0, color="0.6", lw=0.8)
-    ax_l.set_xticks(x, labels, rotation=rot)
-    ax_l.set_xlabel("query slot t")
+    _slot_axis(ax_l, labels)
     ax_l.set_ylabel("influence I(i, j, t)")
     ax_l.set_title("Trajectories (solid: proponents, dashed: opponents)", fontsize=10)
     ax_l.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -592,19 +603,19 @@ def _profile_groups(data: ReportData) -> tuple[str, list[tuple[str, np.ndarray]]
 
 def _plot_profile(data: ReportData, path: Path) -> tuple[Path, dict]:
     prof = step_profile(data.trajectory)  # [N_query, S]
-    labels = [_pretty_slot(s) for s in data.slot_labels]
+    raw = list(data.slot_labels)
+    labels = [_pretty_slot(s) for s in raw]
     x = np.arange(len(labels))
     groups = _profile_groups(data)
     fig, ax = _figure(11 if groups else 6.5, 3.8, ncols=2 if groups else 1)
     a0 = ax[0][0]
     mean = prof.mean(axis=0)
     lo, hi = np.quantile(prof, [0.25, 0.75], axis=0)
-    a0.bar(x, mean, color=["C0" if lab.startswith("step") else "0.6" for lab in labels], alpha=0.85,
-           label="mean over queries")
+    a0.bar(x, mean, color=["C0" if lab.startswith("loop[") else "0.6" for lab in raw], alpha=0.85,
+           label="mean over queries (grey: prelude/coda)")
     a0.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="k", capsize=3, lw=1,
                 label="25-75% of queries")
-    a0.set_xticks(x, labels, rotation=30 if len(labels) > 8 else 0)
-    a0.set_xlabel("query slot t (grey: prelude/coda, blue: loop steps)")
+    _slot_axis(a0, raw)
     a0.set_ylabel("share of |influence| in the slot")
     a0.set_title(f"Where training data acts ({prof.shape[0]} queries)")
     a0.legend(fontsize=8)
@@ -614,8 +625,7 @@ def _plot_profile(data: ReportData, path: Path) -> tuple[Path, dict]:
         a1 = ax[0][1]
         for c, (name, m) in enumerate(bins):
             a1.plot(x, prof[m].mean(axis=0), "o-", color=f"C{c}", label=f"{name} ({int(m.sum())} queries)")
-        a1.set_xticks(x, labels, rotation=30 if len(labels) > 8 else 0)
-        a1.set_xlabel("query slot t")
+        _slot_axis(a1, raw)
         a1.set_ylabel("share of |influence| in the slot")
         a1.set_title(f"By query {key}")
         a1.legend(fontsize=8)
@@ -632,16 +642,33 @@ def _plot_exact(cmp: ExactComparison, labels: Sequence[str], metrics: dict, path
         a0.scatter(e[..., t].ravel(), s[..., t].ravel(), s=6, alpha=0.5, color=f"C{t % 10}", label=_pretty_slot(labels[t]))
     lim = float(max(np.abs(e).max(), np.abs(s).max())) or 1.0
     a0.plot([-lim, lim], [-lim, lim], color="k", lw=0.8, label="y = x")
-    a0.set_xlim(-lim * 1.05, lim * 1.05)
-    a0.set_ylim(-lim * 1.05, lim * 1.05)
-    a0.set_xlabel("exact I(i, j, t)")
+    # Influence spans orders of magnitude: a symmetric log scale shows the small values as well as the large.
+    nz = np.abs(e[e != 0])
+    lin = float(np.quantile(nz, 0.2)) if nz.size else 1.0
+    scaled = lim / lin > 100
+    a0.set_xlim(-lim * 1.5, lim * 1.5)
+    a0.set_ylim(-lim * 1.5, lim * 1.5)
+    if scaled:
+        decades = 10.0 ** np.arange(math.ceil(math.log10(lin)) + 1, math.floor(math.log10(lim)) + 1)
+        decades = decades[:: max(1, math.ceil(len(decades) / 3))]  # at most 3 ticks per sign
+        ticks = np.concatenate([-decades[::-1], [0.0], decades])
+        names = [f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-") if v else "0" for v in ticks]
+        for setter, tick in ((a0.set_xscale, a0.set_xticks), (a0.set_yscale, a0.set_yticks)):
+            setter("symlog", linthresh=lin)
+            tick(ticks, names)
+            # no minor ticks: on a symlog axis they crowd every decade
+        a0.minorticks_off()
+    a0.set_xlabel("exact I(i, j, t)" + (" (symmetric log scale)" if scaled else ""))
     a0.set_ylabel("sketched I(i, j, t)")
     a0.set_title(f"Pearson {metrics['pearson']:.3f}, rel. error {metrics['rel_error']:.3f}")
-    a0.legend(fontsize=7, ncol=2, markerscale=2)
+    a0.legend(fontsize=7, ncol=2, markerscale=2, loc="lower right")
     x = np.arange(nslot)
-    a1.bar(x, metrics["rel_error_per_slot"], color="C0")
-    a1.set_xticks(x, [_pretty_slot(l) for l in labels], rotation=30 if nslot > 8 else 0)
-    a1.set_xlabel("query slot t")
+    errs = np.asarray(metrics["rel_error_per_slot"], dtype=np.float64)
+    a1.bar(x, np.nan_to_num(errs), color="C0")
+    top = float(np.nanmax(errs)) if np.isfinite(errs).any() else 1.0
+    for t in np.flatnonzero(errs < 1e-5):  # slots whose tensors are small enough to be stored exactly
+        a1.text(t, 0.02 * top, "unsketched", rotation=90, ha="center", va="bottom", fontsize=7, color="0.3")
+    _slot_axis(a1, list(labels))
     a1.set_ylabel("||sketch - exact|| / ||exact||")
     a1.set_title(f"Relative error per slot (TracIn: {metrics['rel_error_tracin']:.3f})")
     curve = metrics["topk_overlap_curve"]
@@ -692,7 +719,8 @@ def _plot_difficulty(data: ReportData, key: str, path: Path) -> tuple[Path, dict
         rho = _spearman(d[ok], y[ok])
         out[side] = {"spearman": rho, "n": int(ok.sum())}
         a.set_xlabel(f"{side} puzzle {key}")
-        a.set_ylabel(f"share of |influence| in loop steps {late_from}-{len(ls)}")
+        steps = f"loop step {late_from}" if late_from == len(ls) else f"loop steps {late_from}-{len(ls)}"
+        a.set_ylabel(f"share of |influence| in {steps}")
         a.set_title(f"{side.capitalize()} side: Spearman rho = {rho:.2f}")
         a.legend(fontsize=8)
     fig.suptitle("Late-step influence against puzzle difficulty", fontsize=11)
@@ -700,19 +728,20 @@ def _plot_difficulty(data: ReportData, key: str, path: Path) -> tuple[Path, dict
 
 
 def _plot_extrapolation(data: ReportData, ex: Extrapolation, path: Path) -> tuple[Path, dict]:
-    labels = [_pretty_slot(s) for s in ex.slot_labels]
+    raw = list(ex.slot_labels)
+    labels = [_pretty_slot(s) for s in raw]
     x = np.arange(len(labels))
-    ls = loop_slots(ex.slot_labels)
-    # slot position of the last training-time loop step
-    boundary = ls[min(ex.train_tau, len(ls)) - 1] + 0.5 if len(ls) else None
+    ls = loop_slots(raw)
+    # Between the last training-time loop step and the first extra one (only when queries run more steps).
+    boundary = ls[ex.train_tau - 1] + 0.5 if len(ls) > ex.train_tau >= 1 else None
     prof = step_profile(ex.trajectory)
     fig, ax = _figure(11.5, 3.9, ncols=2)
     a0, a1 = ax[0]
-    a0.bar(x, prof.mean(axis=0), color=["C3" if (l.startswith("step") and boundary is not None and i > boundary) else
-                                          ("C0" if l.startswith("step") else "0.6") for i, l in enumerate(labels)])
-    a0.set_xlabel("query slot t (red: steps beyond the training loop count)")
+    is_loop = [lab.startswith("loop[") for lab in raw]
+    extra = [i for i in range(len(raw)) if is_loop[i] and boundary is not None and i > boundary]
+    a0.bar(x, prof.mean(axis=0), color=["C3" if i in extra else ("C0" if is_loop[i] else "0.6") for i in range(len(raw))])
     a0.set_ylabel("share of |influence| in the slot")
-    a0.set_title(f"Queries run {ex.query_tau} loop steps (trained with {ex.train_tau})")
+    a0.set_title(f"Queries run {ex.query_tau} loop steps (trained with {ex.train_tau}; red: extra steps)")
     j = 0
     rows, n_pro = _query_rows(
         ReportData(ex.trajectory, ex.slot_labels, data.train_text, data.query_text, train_ids=data.train_ids,
@@ -720,17 +749,15 @@ def _plot_extrapolation(data: ReportData, ex: Extrapolation, path: Path) -> tupl
     for r, i in enumerate(rows):
         a1.plot(x, ex.trajectory[i, j], "-" if r < n_pro else "--", marker="o", ms=3, label=_short(_label_of(data, i), 22))
     a1.axhline(0, color="0.6", lw=0.8)
-    a1.set_xlabel("query slot t")
     a1.set_ylabel("influence I(i, j, t)")
     a1.set_title(f"Query #{data.query_ids[j]}: top training examples")
-    a1.legend(fontsize=7, ncol=2)
+    a1.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     for a in (a0, a1):
-        a.set_xticks(x, labels, rotation=30 if len(labels) > 8 else 0)
+        _slot_axis(a, raw)
         if boundary is not None:
             a.axvline(boundary, color="k", ls=":", lw=1.2)
             a.text(boundary, 0.98, f" training tau = {ex.train_tau}", transform=a.get_xaxis_transform(), va="top",
                    ha="left", fontsize=8)
-    extra = [i for i, l in enumerate(labels) if l.startswith("step") and boundary is not None and i > boundary]
     share = float(prof[:, extra].sum(axis=1).mean()) if extra else 0.0
     return _save(fig, path), {"extra_step_share": share, "mean_share": prof.mean(axis=0).tolist(), "slots": labels}
 
@@ -740,6 +767,16 @@ def _plot_extrapolation(data: ReportData, ex: Extrapolation, path: Path) -> tupl
 
 def _indent(text: str, pad: str) -> str:
     return "\n".join(pad + line for line in text.split("\n"))
+
+
+def _ranked_text(data: ReportData, idx: np.ndarray, scores: np.ndarray) -> str:
+    """One line per training example (its text after the score), or the score line then the indented text."""
+    lines = []
+    for i, s in zip(idx, scores):
+        head = f"{_fmt(s)}  train #{data.train_ids[i]}"
+        text = data.train_text[i]
+        lines += [head, _indent(text, "    ")] if "\n" in text else [f"{head:<30} {text}"]
+    return "\n".join(lines)
 
 
 def _per_step_text(data: ReportData, j: int, n_top: int) -> str:
@@ -888,7 +925,7 @@ def write_report(
         doc.img(name, f"Query #{data.query_ids[j]}: influence of its top proponents and opponents across the loop steps.")
         idx, sc = top_train_examples(data.trajectory, j, n_text)
         doc.p("Most influential training examples by TracIn:")
-        doc.code("\n".join(f"{_fmt(s)}  train #{data.train_ids[i]}\n{_indent(data.train_text[i], '    ')}" for i, s in zip(idx, sc)))
+        doc.code(_ranked_text(data, idx, sc))
         doc.p(f"Top {n_text} training examples at each slot, ranked by `I(i, j, t)`:")
         doc.code(_per_step_text(data, j, n_text))
     if shown < n_q:
