@@ -13,9 +13,10 @@ float32, the loop body's 16 tensors): featurise ``N`` training examples and
 - ``ts<m>``: ``sdi_torch.Attributor`` with ``sdi_core.TensorSketch(dim=m)``.
 
 All methods keep the train side summed over steps, batch by batch (all the
-trajectory needs), and the query side per step.  Each grid point runs the
-methods in interleaved rounds (:func:`common.interleaved`); every call also
-records its peak resident memory (:func:`common.peak_memory`).  An exact
+trajectory needs), and the query side per step.  Each method is warmed up on
+one query batch (untimed: ``torch.func`` transforms, hash tables), then each
+grid point runs the methods in interleaved rounds (:func:`common.interleaved`);
+every call also records its peak resident memory (:func:`common.peak_memory`).  An exact
 method whose features alone would exceed ``--max-exact-gib`` is not run and is
 reported with that projection instead.
 
@@ -38,7 +39,7 @@ import common  # noqa: E402
 
 FULL = dict(d_model=128, tau=4, n_train=256, n_sweep="64,256,1024", tau_sweep="2,4,8,16", d_sweep="64,128,256,384",
             n_query=16, seq=16, vocab=64, batch=32, dims="2048,8192", repeats=1, max_exact_gib=3.0)
-QUICK = dict(d_model=32, tau=2, n_train=8, n_sweep="8,16", tau_sweep="2", d_sweep="32", n_query=4, seq=8,
+QUICK = dict(d_model=32, tau=2, n_train=8, n_sweep="8", tau_sweep="2", d_sweep="32", n_query=4, seq=8,
              vocab=16, batch=8, dims="256", repeats=1, max_exact_gib=1.0)
 HEAD_DIM = 32
 

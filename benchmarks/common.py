@@ -12,6 +12,11 @@ measured in the same process, in the same rounds:
   ratios to the baseline: best over best, and the median over rounds of the
   *paired* ratio (candidate time over baseline time in the same round).  The
   paired median is the headline: it cancels slow drifts in machine load.
+- :func:`setup` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before
+  torch is imported: with the default spin-waiting, an OpenMP thread that
+  waits for a descheduled sibling burns its time slice, and on an
+  oversubscribed machine a 2-thread forward+backward was measured 10-50x
+  slower than with passive waiting, drowning every ratio in scheduler noise.
 - :func:`peak_memory` measures the peak resident memory a call adds on top of
   what the process held before it (Linux ``VmHWM`` after resetting it via
   ``/proc/self/clear_refs``).  :func:`setup` makes glibc return large freed
@@ -62,6 +67,11 @@ def setup(threads: int | None = 2) -> dict:
     if threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
+    # Read when the OpenMP runtime starts (first torch import): waiting threads sleep instead of spinning.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
+        print("common.setup: torch was imported before setup(); OMP_WAIT_POLICY may not take effect",
+              file=sys.stderr)
     _configure_malloc()
     return machine_info()
 
@@ -117,6 +127,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "versions": versions,
         "load_average": _loadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if "torch" in sys.modules:
