@@ -184,11 +184,12 @@ def test_traced_once_per_batch_shape(jax_x64):
     CALLS["n"] = 0
     feats = attr.featurize(batches, ckpts)
     traced = CALLS["n"]
-    assert traced <= 2, f"loss_fn was traced {traced} times for 3 checkpoints x 4 batches of one shape"
+    # eval_shape, make_jaxpr and the row check's jitted forward: a constant, whatever the number of batches
+    assert traced <= 3, f"loss_fn was traced {traced} times for 3 checkpoints x 4 batches of one shape"
     fn = attr._fn(ckpts[0].source, batches[0], "features")[2]
     assert fn._cache_size() == 1, f"the jitted featurisation compiled {fn._cache_size()} times for one shape"
     attr.featurize([_toy_batch(9, b=5)], ckpts)
-    assert CALLS["n"] - traced <= 2, "a new batch shape should trace once more, no more"
+    assert CALLS["n"] - traced <= 3, "a new batch shape should trace once more, no more"
     assert feats.n_examples == 16 and feats.steps == {"loop": 2}
     np.testing.assert_array_equal(feats.example_ids, np.arange(16))
 
@@ -378,3 +379,17 @@ def test_layout_order_option(jax_x64):
     mine = sdi_jax.Attributor(_toy_loss, loop=sel, sketch=sdi_core.Exact(), progress=False, order="selection")
     assert fwd.featurize([_toy_batch()], ck).layout.groups[0].params == ("block.w", "block.b"), "forward order"
     assert mine.featurize([_toy_batch()], ck).layout.groups[0].params == ("block.b", "block.w"), "selection order"
+
+
+def test_examples_that_interact_are_an_error(jax_x64):
+    """A loss whose rows depend on each other (a batch mean inside the model) cannot be attributed per example."""
+    def coupled(params, batch):
+        x = batch["x"] - batch["x"].mean(axis=0)  # centring over the batch couples the examples
+        return _toy_loss(params, {"x": x, "y": batch["y"]})
+
+    attr = sdi_jax.Attributor(coupled, loop=lambda p: p["block"], sketch=sdi_core.Exact(), progress=False)
+    with pytest.raises(SDIError, match=r"examples of a batch interact"):
+        attr.featurize([_toy_batch()], [Checkpoint(_toy_params())])
+    quiet = sdi_jax.Attributor(coupled, loop=lambda p: p["block"], sketch=sdi_core.Exact(), progress=False,
+                               check_rows=False)
+    assert quiet.featurize([_toy_batch()], [Checkpoint(_toy_params())]).n_examples == 4

@@ -147,7 +147,8 @@ def _mlp_batch(seed=0, b=4):
 
 
 def _body(bp, h):
-    z = jax.nn.gelu(h @ bp["w1"] + bp["b1"], approximate=False)
+    a = h @ bp["w1"] + bp["b1"]
+    z = jax.nn.gelu(a, approximate=False) + jax.nn.relu(a)  # relu is a custom_jvp function
     return h + jnp.tanh(z @ bp["w2"]) * bp["g"]
 
 
@@ -226,6 +227,21 @@ def _loop_reverse_scan(params, batch):
     return _readout(params, h, batch["y"])
 
 
+@sdi_jax.loop_step  # w2 is used twice per step (the predicate and the layer): counting is ambiguous
+def _body_cond(bp, h):
+    # a weight used inside lax.cond branches: taken exactly (dense), per step (the predicate must not mix
+    # examples: rows stay independent)
+    a = jax.lax.cond(jnp.sum(bp["w2"]) > 0, lambda h: h @ bp["w1"], lambda h: -(h @ bp["w1"]), h) + bp["b1"]
+    return h + jnp.tanh(jnp.tanh(a) @ bp["w2"]) * bp["g"]
+
+
+def _loop_cond(params, batch):
+    h = batch["x"] @ params["emb"]["w"]
+    for _ in range(TAU):
+        h = _body_cond(params["block"], h)
+    return _readout(params, h, batch["y"])
+
+
 LOOPS = {
     "unrolled": (_loop_unrolled, _body, "count"),
     "scan": (_loop_scan, _body, "scan"),
@@ -234,6 +250,7 @@ LOOPS = {
     "jit_body": (_loop_jit_body, _body, "count"),
     "remat_in_scan": (_loop_remat_in_scan, _body, "scan"),
     "custom_vjp": (_loop_custom_vjp, _body_custom_vjp, "count"),
+    "cond": (_loop_cond, _body_cond, "marker"),
 }
 GROUPS = {"prelude": lambda p: p["emb"], "coda": lambda p: p["head"]}
 
@@ -277,13 +294,16 @@ def _check_against_untied(loss_fn, untied, params, batch, *, tau=TAU, extra=GROU
 def test_loop_forms_equal_untied_vmap_grad(jax_x64, name):
     loss_fn, body, mode = LOOPS[name]
     params, batch = _mlp_params(), _mlp_batch()
-    _, cap, uses = _check_against_untied(loss_fn, _untied(body), params, batch)
+    # a kernel with no linear use (only inside cond here) keeps its stored orientation
+    kernels = tuple(k for k in KERNELS if not (name == "cond" and k == "block.w1"))
+    _, cap, uses = _check_against_untied(loss_fn, _untied(body), params, batch, transposed=kernels)
     assert cap.mode == mode, f"{name}: steps found by {cap.mode!r}, expected {mode!r}"
     assert cap.steps["loop"] == TAU
     steps = [u.step for u in uses if u.param == "block.w1"]
     assert steps == list(range(TAU)), f"{name}: forward order of block.w1 uses by step: {steps}"
     kinds = {u.param: u.kind for u in uses}
-    assert kinds["block.w1"] == "linear" and kinds["block.b1"] == "bias"
+    assert kinds["block.w1"] == ("dense" if name == "cond" else "linear"), f"{name}: block.w1 is {kinds['block.w1']}"
+    assert kinds["block.b1"] == "bias"
     assert kinds["block.g"] == ("dense" if name == "custom_vjp" else "scale"), \
         f"{name}: block.g captured as {kinds['block.g']}"
 

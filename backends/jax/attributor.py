@@ -97,6 +97,11 @@ class Attributor:
             or ``"selection"`` (the order the selector returns the leaves in).
         jit: jit the per-batch featurisation (default True).
         progress: tqdm bar over checkpoints x batches in :meth:`featurize`.
+        check_rows: on the first batch of every shape, compare the losses of
+            the examples run one at a time (as the capture runs them) with
+            ``loss_fn`` on the whole batch, and raise if they differ (examples
+            that interact make per-example gradients meaningless).  Costs one
+            jitted forward pass per batch shape.
 
     Parameter names are dotted pytree paths (``block.mlp.fc1.weight``);
     shapes are canonical (a kernel stored ``(d_in, d_out)`` and used as
@@ -118,6 +123,7 @@ class Attributor:
         order: str = "forward",
         jit: bool = True,
         progress: bool = True,
+        check_rows: bool = True,
     ) -> None:
         if not callable(loss_fn):
             raise SDIError(f"loss_fn must be callable as loss_fn(params, batch) -> [B], got {type(loss_fn).__name__}.")
@@ -154,6 +160,9 @@ class Attributor:
         self.fallback = fallback
         self.jit = bool(jit)
         self.progress = bool(progress)
+        self.check_rows = bool(check_rows)
+        self._rows_checked: set = set()
+        self._loss_jit = None
         self._plans: dict = {}
         self._fns: dict = {}
         self._sketch_plans: dict = {}
@@ -202,9 +211,30 @@ class Attributor:
         Raises SDIError naming the parameter and step when a feature is not finite.
         """
         cap, sp, fn = self._fn(params, batch, "features")
-        out = fn(params, batch)
+        out, loss = fn(params, batch)
+        if self.check_rows and id(cap) not in self._rows_checked:
+            self._check_rows(params, batch, loss)
+            self._rows_checked.add(id(cap))
         _check_finite(out, sp, cap)
         return out
+
+    def _check_rows(self, params, batch, loss) -> None:
+        """The losses of examples run one at a time must be loss_fn's: rows must be independent."""
+        if self._loss_jit is None:
+            self._loss_jit = jax.jit(self.loss_fn) if self.jit else self.loss_fn
+        want = np.asarray(self._loss_jit(params, batch), dtype=np.float64)
+        got = np.asarray(loss, dtype=np.float64)
+        eps = float(jnp.finfo(jnp.result_type(loss)).eps)
+        scale = max(float(np.abs(want).max(initial=0.0)), 1.0)
+        bad = np.abs(got - want) > 1e3 * eps * scale
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise SDIError(
+                f"loss_fn's loss for example {b} is {want[b]:.6g} in the batch but {got[b]:.6g} when the example runs "
+                "alone: the examples of a batch interact (a batch mean or sum inside the model, batch norm, a "
+                "predicate over the whole batch). Per-example gradients need independent rows; compute every "
+                "example's loss from its own inputs only (or pass check_rows=False if the difference is intended)."
+            )
 
     def factors(self, params, batch) -> tuple[np.ndarray, list[FactorUse]]:
         """Per-example losses ``[B]`` and the factor stream of one batch (NumPy arrays, forward order).
@@ -376,7 +406,7 @@ def _make_features_fn(cap: CapturePlan, sp: SketchPlan, route: str, row_block: i
     leaf_to_name = {v: k for k, v in cap.leaf_index.items()}
 
     def features(params, batch):
-        _, grads, acts = run_capture(cap, params, batch)
+        loss, grads, acts = run_capture(cap, params, batch)
         # group the sites that can share one use_features call: same parameter, kind and factor shapes
         buckets: dict = {}
         for site in cap.sites:
@@ -412,7 +442,7 @@ def _make_features_fn(cap: CapturePlan, sp: SketchPlan, route: str, row_block: i
             dt = jnp.result_type(*[x.dtype for x in blocks])
             blocks = [x.astype(dt) for x in blocks]
             out[grp.name] = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
-        return out
+        return out, loss
 
     return features
 
