@@ -492,3 +492,16 @@ def test_harmless_uses_of_a_parameter_pass_and_change_nothing():
     want = sdi_torch.Attributor(plain, plain.body, _token_loss, progress=False).featurize([make_batch(1)])
     assert max_err(got.data[0]["loop"], want.data[0]["loop"]) == 0.0
     assert model.norm_seen > 0
+
+
+def test_current_weights_id_follows_in_place_updates():
+    model = make_model()
+    attr = attributor(model)
+    first = attr.featurize([make_batch(1)]).checkpoints[0].id
+    assert attr.featurize([make_batch(2)]).checkpoints[0].id == first
+    with torch.no_grad():
+        model.block.attn.q.weight.add_(1e-3)  # what an optimizer step does
+    changed = attr.featurize([make_batch(1)]).checkpoints[0].id
+    assert changed != first
+    model.load_state_dict(make_model().state_dict())  # back to the first weights
+    assert attr.featurize([make_batch(1)]).checkpoints[0].id == first

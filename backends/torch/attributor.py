@@ -113,6 +113,7 @@ class Attributor:
         self.progress = progress
         self.fast = bool(fast_path)
         self._workspace = Workspace()
+        self._weights_id = None
 
     def __repr__(self) -> str:
         return f"Attributor({type(self.model).__name__}, {self.plan!r})"
@@ -186,7 +187,7 @@ class Attributor:
             with FactorCapture(model, self.selection, batch_size=self.batch_size) as cap:
                 for ck in bar:
                     if ck is None:
-                        infos.append(CheckpointInfo(weights_hash(model.state_dict()), 1.0, None))
+                        infos.append(CheckpointInfo(self._current_weights_id(), 1.0, None))
                     else:
                         infos.append(load_checkpoint(model, ck))
                     rows = []
@@ -203,6 +204,14 @@ class Attributor:
             for m, flag in modes.items():
                 m.training = flag
         return self._assemble(per_ckpt, infos, steps, example_ids)
+
+    def _current_weights_id(self) -> str:
+        """The hash of the current weights, recomputed only when a tensor was replaced or updated in place."""
+        state = self.model.state_dict(keep_vars=True)
+        key = tuple((k, v.data_ptr(), v._version, tuple(v.shape), v.dtype) for k, v in state.items())
+        if self._weights_id is None or self._weights_id[0] != key:
+            self._weights_id = (key, weights_hash(state))
+        return self._weights_id[1]
 
     def _featurize_batch(self, cap: FactorCapture, batch, index: int, ckpt_id: str):
         box: dict = {}
