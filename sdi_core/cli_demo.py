@@ -29,15 +29,24 @@ __all__ = ["RunSettings", "RunOutcome", "TASK_PRESETS", "BUDGETS", "resolve_sett
 
 TASK_NAMES = ("parity", "pointer", "addition", "sudoku")
 
-# Per-task defaults: task options, model shape and training schedule.  The
-# parity preset is the demo's model; its numbers were chosen so that it reaches
-# >= 95% test accuracy within the demo's time budget on 2 CPU cores (see the
-# README section on the demo for the measurements).
+# Per-task defaults: task options, model shape and training schedule.
+#
+# The parity preset is the demo's model.  Measured (seeds 0, 1, 3 of the split,
+# initial weights and batch order): test accuracy 0.996, 0.996, 0.98 after 1200
+# steps, 85-99 s of CPU time on one thread.  What did not work, and why the
+# preset is what it is: with answer-only targets the model stayed at chance
+# (0.36-0.55 test accuracy) in every configuration tried (d_model 32-64,
+# tau 2-10, lr 1e-3-3e-3, up to 3000 steps, fixed or longer strings, a
+# curriculum over the number of ones); the running-parity targets
+# (``training_targets``) fix that, tau = 10 = the longest string lets the loop
+# carry the parity one bit per step, and lr 2e-3 diverged on seed 1 where
+# 1e-3 did not.  The other tasks' presets are sized to train in 1-3 CPU
+# minutes; they are not tuned for accuracy.
 TASK_PRESETS: dict[str, dict[str, Any]] = {
     "parity": dict(
         task_options={"min_len": 2, "max_len": 10},
         d_model=32, n_heads=2, tau=10, query_tau=12, n_prelude=0, n_coda=0,
-        train_steps=1200, batch_size=128, lr=2e-3, train_size=1544, test_size=500, aux_targets=True,
+        train_steps=1200, batch_size=128, lr=1e-3, train_size=1544, test_size=500, aux_targets=True,
     ),
     "pointer": dict(
         task_options={"n_nodes": 8, "min_hops": 1, "max_hops": 4},
@@ -337,8 +346,9 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         vocab_size=task.vocab_size, d_model=s.d_model, n_heads=s.n_heads, tau=s.tau, max_len=task.seq_len,
         n_prelude=s.n_prelude, n_coda=s.n_coda, input_injection=True,
     )
-    torch.manual_seed(s.seed)
-    model = LoopedGPT(config)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+        torch.manual_seed(s.seed)
+        model = LoopedGPT(config)
     _log(s, f"[sdi] training a looped GPT (d_model {s.d_model}, {s.n_heads} heads, tau {s.tau}) on {s.task}: "
             f"{len(train_set)} train / {len(test_set)} test examples, {s.train_steps} steps")
     tcfg = TrainConfig(
@@ -421,7 +431,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         "training": f"{s.train_steps} steps, batch {s.batch_size}, {s.optimizer} lr {s.lr:g}, "
                     f"{len(train_set)} train examples"
                     + (", auxiliary running-parity targets at every bit" if s.aux_targets and s.task == "parity" else ""),
-        "test accuracy": round(test_acc, 4),
+        "test accuracy": f"{test_acc:.3f} ({len(test_set)} test examples, inputs unseen in training)",
         "checkpoints": ", ".join(f"step {c.step} (eta {c.lr:.2e})" for c in result.checkpoints),
         "sketch": f"TensorSketch dim {s.sketch_dim} per parameter tensor, seed {s.seed}",
         "attributed": f"{s.n_train} train x {s.n_query} query examples",
@@ -429,7 +439,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         "CPU time": ", ".join(f"{k} {v:.1f} s" for k, v in cpu.items()),
     }
     if qtau_acc is not None:
-        summary[f"test accuracy at query tau {s.query_tau}"] = round(qtau_acc, 4)
+        summary[f"test accuracy at query tau {s.query_tau}"] = f"{qtau_acc:.3f}"
     data = ReportData(
         trajectory=trajectory,
         slot_labels=slot_labels,

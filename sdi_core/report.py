@@ -546,7 +546,7 @@ def _plot_query(data: ReportData, j: int, path: Path, n_each: int = 5) -> Path:
     rows, n_pro = _query_rows(data, j, n_each)
     vals = data.trajectory[rows, j, :]  # [r, S]
     labels = list(data.slot_labels)
-    fig, ax = _figure(13, 0.36 * len(rows) + 2.6, ncols=2, gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, ax = _figure(14, 0.36 * len(rows) + 2.6, ncols=2, gridspec_kw={"width_ratios": [1.1, 1]})
     fig.get_layout_engine().set(wspace=0.06)
     ax_h, ax_l = ax[0]
     lim = float(np.abs(vals).max()) or 1.0
@@ -613,8 +613,9 @@ def _plot_profile(data: ReportData, path: Path) -> tuple[Path, dict]:
     lo, hi = np.quantile(prof, [0.25, 0.75], axis=0)
     a0.bar(x, mean, color=["C0" if lab.startswith("loop[") else "0.6" for lab in raw], alpha=0.85,
            label="mean over queries (grey: prelude/coda)")
-    a0.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="k", capsize=3, lw=1,
-                label="25-75% of queries")
+    # The spread as a 25-75% range (the mean can lie outside it when a few queries dominate a slot).
+    a0.vlines(x, lo, hi, color="k", lw=1.4, label="25-75% of queries")
+    a0.plot(x, np.median(prof, axis=0), "_", color="k", ms=10, mew=1.4, label="median")
     _slot_axis(a0, raw)
     a0.set_ylabel("share of |influence| in the slot")
     a0.set_title(f"Where training data acts ({prof.shape[0]} queries)")

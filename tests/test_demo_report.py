@@ -167,6 +167,12 @@ def test_write_report_synthetic_sudoku(tmp_path):
 def test_write_report_parity_without_optional_parts(tmp_path):
     data = _synthetic(np.random.default_rng(3), with_difficulty=False)
     data.exact = data.extrapolation = data.training = None
+    # One query puts almost all its influence in the first slot: that slot's mean share lies
+    # above its 75% quantile (an error-bar drawing once failed on exactly this).
+    data.trajectory[:, 0, :] = 1e-3
+    data.trajectory[:, 0, 0] = 100.0
+    prof = step_profile(data.trajectory)
+    assert prof[:, 0].mean() > np.quantile(prof[:, 0], 0.75)
     files = write_report(data, tmp_path, max_queries=1)
     assert set(files.figures) == {"step_profile", "query_0"}
     for path in files.figures.values():
