@@ -4,12 +4,14 @@
 preallocated ``[B, S_g, D_g]`` buffers, one per group, and computes the
 expensive uses itself:
 
-- TensorSketch of a linear use by the exact-then-hash route: the hash signs
-  are folded into the two factors (``s_r * g`` and ``s_c * a``), so
-  ``G_b = (s_r g_b)^T (s_c a_b)`` already carries the combined sign and is
-  scattered into its buckets with one ``index_add_``; ``G`` is written into a
-  workspace that is reused across uses (a fresh 30 MB buffer per use costs
-  more in page faults than the matmul itself);
+- TensorSketch of a linear use by the exact-then-hash route:
+  ``G_b = g_b^T a_b`` is written into a workspace reused across uses (a fresh
+  30 MB buffer per use costs more in page faults than the matmul itself) and
+  scattered, unsigned, with one ``index_add_`` into ``2m`` buckets: entry
+  ``(i, j)`` goes to bucket ``h(i, j)`` when its sign ``s_r(i) s_c(j)`` is +1
+  and to ``h(i, j) + m`` when it is -1, and the sketch is the difference of
+  the two halves.  The signs then cost ``2m`` subtractions per example
+  instead of a pass over ``G`` or over both factors;
 - an exactly stored linear use adds ``G`` itself;
 - TensorSketch of an embedding use scatters ``s_r(id) s_c(j) g_tj`` to bucket
   ``(h_r(id) + h_c(j)) mod m`` (no ``[B, T, vocab]`` one-hot).
@@ -37,11 +39,12 @@ class Workspace:
         self._buffers: dict = {}
         self._tables: dict = {}
 
-    def buffer(self, shape, dtype, device) -> torch.Tensor:
+    def buffer(self, shape, dtype, device, name: str = "G") -> torch.Tensor:
+        """An uninitialised ``shape`` view of the scratch buffer ``name`` (grown as needed, never shrunk)."""
         numel = 1
         for s in shape:
             numel *= int(s)
-        key = (dtype, str(device))
+        key = (name, dtype, str(device))
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype, device=device)
@@ -54,6 +57,9 @@ class Workspace:
         if t is None:
             if what == "index":
                 host = spec.flat_table().index
+            elif what == "index2":  # negative-sign entries shifted to buckets m .. 2m-1
+                table = spec.flat_table()
+                host = table.index + spec.width * (table.sign < 0)
             elif what == "h_rows":
                 host = spec.h_rows
             elif what == "h_cols":
@@ -148,20 +154,19 @@ class TorchSketcher:
             if route != "exact_hash":
                 return False
         device = gf.device
-        gf = gf.to(acc)
-        af = af.to(acc)
-        if spec.mode == "tensor":
-            gf = gf * self.ws.table(spec, "s_rows", acc, device)[r0:r1]
-            af = af * self.ws.table(spec, "s_cols", acc, device)
         G = self.ws.buffer((B, r1 - r0, cols), acc, device)
-        torch.bmm(gf.transpose(1, 2), af, out=G)
+        torch.bmm(gf.to(acc).transpose(1, 2), af.to(acc), out=G)
         slot = self._slot(use, acc, device)
-        flat = G.view(B, (r1 - r0) * cols)
+        flat = G.view(B, (r1 - r0) * cols).to(slot.dtype)
         if spec.mode == "tensor":
-            index = self.ws.table(spec, "index", None, device)[r0 * cols:r1 * cols]
-            slot.index_add_(1, index, flat.to(slot.dtype))
+            m = spec.width
+            index = self.ws.table(spec, "index2", None, device)[r0 * cols:r1 * cols]
+            halves = self.ws.buffer((B, 2 * m), slot.dtype, device, name="halves").zero_()
+            halves.index_add_(1, index, flat)
+            slot += halves[:, :m]
+            slot -= halves[:, m:]
         else:
-            slot[:, r0 * cols:r1 * cols] += flat.to(slot.dtype)
+            slot[:, r0 * cols:r1 * cols] += flat
         return True
 
     def _embedding(self, use: FactorUse, spec, acc) -> None:
