@@ -102,15 +102,25 @@ def test_presets_are_valid():
     assert resolve_settings("parity", tau=3, query_tau=3).query_tau == 3
 
 
-def test_run_help_documents_every_option(capsys):
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_help_documents_every_option(command, capsys):
+    from sdi_core.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     with pytest.raises(SystemExit) as exc:
-        main(["run", "--help"])
+        main([command, "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for opt in ("--task", "--d-model", "--heads", "--tau", "--query-tau", "--prelude", "--coda", "--sketch-dim",
-                "--seed", "--n-train", "--n-query", "--n-checkpoints", "--train-steps", "--out", "--quiet",
-                "--budget", "--exact-train", "--exact-query", "--lr", "--batch-size"):
-        assert opt in text, f"`sdi run --help` does not document {opt}"
+    for action in sub._actions:
+        for opt in action.option_strings:
+            assert opt in text, f"`sdi {command} --help` does not show {opt}"
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10, f"{action.option_strings} has no help text"
+    if command == "run":
+        for opt in ("--task", "--d-model", "--heads", "--tau", "--query-tau", "--prelude", "--coda", "--sketch-dim",
+                    "--seed", "--n-train", "--n-query", "--n-checkpoints", "--train-steps", "--out", "--quiet"):
+            assert opt in text, f"`sdi run --help` does not document {opt}"
 
 
 @pytest.mark.parametrize(
