@@ -7,11 +7,13 @@ expensive uses itself:
 - TensorSketch of a linear use by the exact-then-hash route:
   ``G_b = g_b^T a_b`` is written into a workspace reused across uses (a fresh
   30 MB buffer per use costs more in page faults than the matmul itself) and
-  scattered, unsigned, with one ``index_add_`` into ``2m`` buckets: entry
-  ``(i, j)`` goes to bucket ``h(i, j)`` when its sign ``s_r(i) s_c(j)`` is +1
-  and to ``h(i, j) + m`` when it is -1, and the sketch is the difference of
-  the two halves.  The signs then cost ``2m`` subtractions per example
-  instead of a pass over ``G`` or over both factors;
+  scattered, unsigned, with one ``index_add_`` into ``2m`` buckets kept for
+  the whole batch: entry ``(i, j)`` goes to bucket ``h(i, j)`` when its sign
+  ``s_r(i) s_c(j)`` is +1 and to ``h(i, j) + m`` when it is -1, and the
+  sketch is the difference of the two halves, taken once per parameter at
+  :meth:`TorchSketcher.finalize`.  A linear use then costs two operations
+  (``bmm``, ``index_add_``) and no pass over ``G`` or the factors for signs;
+- an exactly stored bias or scale is summed over tokens straight into its slot;
 - an exactly stored linear use adds ``G`` itself;
 - TensorSketch of an embedding use scatters ``s_r(id) s_c(j) g_tj`` to bucket
   ``(h_r(id) + h_c(j)) mod m`` (no ``[B, T, vocab]`` one-hot).
@@ -99,6 +101,7 @@ class TorchSketcher:
         self.ws = workspace or Workspace()
         self.route = route or getattr(plan.sketch, "route", "auto")
         self.buffers: dict[str, torch.Tensor] | None = None
+        self.halves: dict[str, torch.Tensor] = {}  # param -> [B, S_g, 2m] unsigned buckets (see module doc)
         self.seen: set = set()
 
     def _alloc(self, dtype, device) -> None:
@@ -114,6 +117,7 @@ class TorchSketcher:
             self._alloc(dtype, device)
         elif self.buffers[group].dtype != dtype and dtype == torch.float64:
             self.buffers = {g: b.to(torch.float64) for g, b in self.buffers.items()}
+            self.halves = {n: h.to(torch.float64) for n, h in self.halves.items()}
         buf = self.buffers[group]
         if not isinstance(use.step, int) or not 0 <= use.step < buf.shape[1]:
             raise SDIError(
@@ -136,9 +140,28 @@ class TorchSketcher:
         if use.kind == "embedding" and spec.mode == "tensor" and g.ndim == 3 and use.activation.ndim == 2:
             self._embedding(use, spec, acc)
             return
+        if spec.mode == "exact" and g.ndim == 3 and (use.kind == "bias" or (
+            use.kind == "scale" and use.activation is not None and tuple(use.activation.shape) == tuple(g.shape)
+        )) and g.shape[-1] == (use.row_slice[1] - use.row_slice[0] if use.row_slice else spec.param.shape[0]):
+            self._elementwise(use, spec, acc)
+            return
         feats = use_features(use, spec, route=self.route)
         slot = self._slot(use, feats.dtype if feats.dtype == torch.float64 else acc, feats.device)
         slot += feats.to(slot.dtype)
+
+    def _elementwise(self, use: FactorUse, spec, acc) -> None:
+        """Exactly stored bias / scale: the sum over tokens, written straight into an untouched slot."""
+        lo, hi = use.row_slice if use.row_slice is not None else (0, spec.param.shape[0])
+        g = use.grad_output
+        if use.kind == "scale":
+            g = g.to(acc) * use.activation.to(acc)
+        group = self.plan.offsets[use.param][0]
+        first = (group, use.step, use.param) not in self.seen
+        slot = self._slot(use, acc, g.device)[:, lo:hi]
+        if first and hi - lo == slot.shape[1] and slot.dtype == acc:
+            torch.sum(g, dim=1, dtype=acc, out=slot)
+        else:
+            slot += g.sum(1, dtype=acc).to(slot.dtype)
 
     def _linear(self, use: FactorUse, spec, acc) -> bool:
         rows, cols = spec.param.matrix_shape
@@ -159,12 +182,13 @@ class TorchSketcher:
         slot = self._slot(use, acc, device)
         flat = G.view(B, (r1 - r0) * cols).to(slot.dtype)
         if spec.mode == "tensor":
-            m = spec.width
             index = self.ws.table(spec, "index2", None, device)[r0 * cols:r1 * cols]
-            halves = self.ws.buffer((B, 2 * m), slot.dtype, device, name="halves").zero_()
-            halves.index_add_(1, index, flat)
-            slot += halves[:, :m]
-            slot -= halves[:, m:]
+            halves = self.halves.get(use.param)
+            if halves is None:
+                halves = torch.zeros((B, self.steps.get(spec.param.group, 1), 2 * spec.width), dtype=slot.dtype,
+                                     device=device)
+                self.halves[use.param] = halves
+            halves[:, use.step].index_add_(1, index, flat)
         else:
             slot[:, r0 * cols:r1 * cols] += flat
         return True
@@ -194,6 +218,11 @@ class TorchSketcher:
                 "No use of any selected parameter was recorded in this batch. Check that the selected "
                 "parameters are used in the forward pass and that the loss depends on them."
             )
+        for name, halves in self.halves.items():  # the signs, once per parameter and batch
+            group, lo, hi = self.plan.offsets[name]
+            m = hi - lo
+            self.buffers[group][:, :, lo:hi] += halves[:, :, :m] - halves[:, :, m:]
+        self.halves = {}
         if check_finite:
             for g in self.plan.layout.groups:
                 buf = self.buffers[g.name]
