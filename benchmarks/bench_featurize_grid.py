@@ -57,6 +57,9 @@ def parse(argv):
     ap.add_argument("--seq", type=int, default=None, help=f"sequence length (default {FULL['seq']})")
     ap.add_argument("--vocab", type=int, default=None, help=f"vocabulary (default {FULL['vocab']})")
     ap.add_argument("--jax-form", default="scan", choices=("scan", "unrolled"), help="JAX model form (default scan)")
+    ap.add_argument("--route", default="auto", choices=("auto", "exact_hash", "fft"),
+                    help="TensorSketch route for outer-product uses (default auto: the core's cost model)")
+    ap.add_argument("--name", default="featurize_grid", help="stem of the output files (default featurize_grid)")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile of the worst torch configuration")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -76,7 +79,7 @@ def parse(argv):
 # --------------------------------------------------------------------------- torch
 
 
-def torch_candidates(d, heads, tau, B, dims, seq, vocab):
+def torch_candidates(d, heads, tau, B, dims, seq, vocab, route="auto"):
     """(baseline, {m: featurize callable}, profile target factory) for one torch configuration."""
     import torch
 
@@ -100,7 +103,7 @@ def torch_candidates(d, heads, tau, B, dims, seq, vocab):
     feats = {}
     for m in dims:
         attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=per_example_loss,
-                                    sketch=sdi_core.TensorSketch(dim=m, seed=0), progress=False)
+                                    sketch=sdi_core.TensorSketch(dim=m, seed=0, route=route), progress=False)
         feats[m] = (lambda a=attr: a.featurize([batch], progress=False))
     return fwd_bwd, feats
 
@@ -108,7 +111,7 @@ def torch_candidates(d, heads, tau, B, dims, seq, vocab):
 # ----------------------------------------------------------------------------- jax
 
 
-def jax_candidates(d, heads, tau, B, dims, seq, vocab, form="scan"):
+def jax_candidates(d, heads, tau, B, dims, seq, vocab, form="scan", route="auto"):
     import jax
     import numpy as np
 
@@ -132,8 +135,8 @@ def jax_candidates(d, heads, tau, B, dims, seq, vocab, form="scan"):
 
     feats = {}
     for m in dims:
-        attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"], sketch=sdi_core.TensorSketch(dim=m, seed=0),
-                                  progress=False)
+        attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"],
+                                  sketch=sdi_core.TensorSketch(dim=m, seed=0, route=route), progress=False)
         feats[m] = (lambda a=attr: jax.block_until_ready(a.featurize_batch(params, batch)))
     return fwd_bwd, feats
 
@@ -174,9 +177,10 @@ def main(argv=None):
             for B in args.batches:
                 t0 = time.perf_counter()
                 if backend == "torch":
-                    base, feats = torch_candidates(d, heads, tau, B, args.dims, args.seq, args.vocab)
+                    base, feats = torch_candidates(d, heads, tau, B, args.dims, args.seq, args.vocab, args.route)
                 else:
-                    base, feats = jax_candidates(d, heads, tau, B, args.dims, args.seq, args.vocab, args.jax_form)
+                    base, feats = jax_candidates(d, heads, tau, B, args.dims, args.seq, args.vocab, args.jax_form,
+                                                 args.route)
                 cands = {"fwd_bwd": base, **{f"m={m}": f for m, f in feats.items()}}
                 samples = common.interleaved(cands, repeats=args.repeats, warmup=1)
                 summ = common.summarize(samples, "fwd_bwd")
@@ -202,7 +206,7 @@ def main(argv=None):
                 del base, feats, cands
         if backend == "torch" and worst is not None and not args.no_profile:
             d, heads, tau, B, m = worst[1]
-            _, feats = torch_candidates(d, heads, tau, B, [m], args.seq, args.vocab)
+            _, feats = torch_candidates(d, heads, tau, B, [m], args.seq, args.vocab, args.route)
             feats[m]()
             profiles["torch"] = {"config": {"d_model": d, "heads": heads, "tau": tau, "batch": B, "m": m,
                                             "time_ratio": worst[0]},
@@ -223,7 +227,8 @@ def main(argv=None):
         "command": common.command_line("bench_featurize_grid.py", argv),
         "config": {"sizes": [list(s) for s in args.sizes], "batches": args.batches, "dims": args.dims,
                    "seq": args.seq, "vocab": args.vocab, "repeats": args.repeats, "threads": args.threads,
-                   "jax_form": args.jax_form, "dtype": "float32", "selection": "loop body (16 tensors)",
+                   "jax_form": args.jax_form, "route": args.route, "dtype": "float32",
+                   "selection": "loop body (16 tensors)",
                    "quick": args.quick},
         "targets": {"torch_time_ratio": TARGETS["torch"], "jax_time_ratio": TARGETS["jax"]},
         "rows": rows,
@@ -231,8 +236,8 @@ def main(argv=None):
         "seconds": time.perf_counter() - t_start,
         "machine": common.finish_info(info),
     }
-    path = common.write_json(common.results_path(args.out_dir, "featurize_grid", args.quick), payload)
-    png = plot(payload, common.results_path(args.out_dir, "featurize_grid", args.quick, ext="png"))
+    path = common.write_json(common.results_path(args.out_dir, args.name, args.quick), payload)
+    png = plot(payload, common.results_path(args.out_dir, args.name, args.quick, ext="png"))
     print(f"wrote {path} and {png}")
     return payload
 
@@ -269,7 +274,8 @@ def plot(payload, path):
             ax.set_title(f"{b}: {what} ratio (paired median)" if what == "time" else f"{b}: {what} ratio")
             ax.legend(fontsize=8)
     fig.suptitle(f"Featurisation cost relative to a plain forward+backward of the same batch "
-                 f"(T={payload['config']['seq']}, float32, {payload['config']['threads']} threads)", fontsize=10)
+                 f"(T={payload['config']['seq']}, float32, {payload['config']['threads']} threads, "
+                 f"route {payload['config'].get('route', 'auto')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -275,13 +275,18 @@ def plot(payload, path):
             ax = axes[i, j]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ticks = sorted({r[xkey[s]] for r in mine})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([str(t) for t in ticks])
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set_xlabel({"N": "training examples N", "tau": "loop steps tau", "d_model": "d_model"}[s])
             ax.set_ylabel(what)
             ax.set_title(f"{what.split(' (')[0]} vs {s} ({fixed})", fontsize=9)
             ax.legend(fontsize=7.5)
+    any_skipped = any(r["status"] == "skipped" for r in rows)
     fig.suptitle(f"Featurise {payload['config']['n_query']} queries and N training examples, then the trajectory "
-                 f"(float32, T={payload['config']['seq']}); x: exact run skipped, its projected feature memory",
-                 fontsize=10)
+                 f"(float32, T={payload['config']['seq']})"
+                 + ("; x: exact run skipped, its projected feature memory" if any_skipped else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

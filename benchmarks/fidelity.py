@@ -55,8 +55,8 @@ import common  # noqa: E402
 PAPER = {"m": 2048, "rel_err_trajectory": 0.0388, "rel_err_tracin": 0.0220,
          "setting": "135M-parameter looped GPT, 48 sketched tensors, m=2048"}
 
-FULL = dict(d_model=128, heads=4, tau=4, max_len=10, train_size=1500, test_size=500, train_steps=300,
-            train_batch=32, lr=2e-3, checkpoints=2, n_train=256, n_query=32, batch=32,
+FULL = dict(d_model=128, heads=4, tau=4, max_len=8, train_size=1500, test_size=100, train_steps=600,
+            train_batch=64, lr=1e-3, checkpoints=2, n_train=256, n_query=32, batch=32,
             dims="256,1024,2048,4096,8192,16384,32768", seeds=5, topk=10)
 QUICK = dict(d_model=32, heads=2, tau=2, max_len=4, train_size=64, test_size=16, train_steps=10,
              train_batch=16, lr=3e-3, checkpoints=1, n_train=16, n_query=4, batch=8,
@@ -97,6 +97,9 @@ def train_model(args, task, train_data, test_data, ckpt_dir):
     tc = TrainConfig(steps=args.train_steps, batch_size=args.train_batch, lr=args.lr,
                      n_checkpoints=args.checkpoints, warmup=min(100, args.train_steps // 10), seed=0)
     result = train(model, train_data, tc, out_dir=ckpt_dir, eval_data=test_data, task=task, progress=False)
+    from sdi_torch.train import evaluate
+
+    result.train_eval = evaluate(model, train_data, task=task)  # (loss, accuracy) on the training strings
     return config, model, result
 
 
@@ -223,6 +226,10 @@ def attributor_check(config, ckpt_path, query_batches, plan_sketch, ref_query, i
 
 def main(argv=None):
     args = parse(argv)
+    # NumPy does many small products here (reference model, sketches); on a shared machine a second
+    # OpenBLAS thread made them up to 100x slower (it spins for a descheduled sibling).  Torch keeps
+    # --threads for training.  No timing in this script is a claim.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     info_machine = common.setup(args.threads)
     import numpy as np
     import torch
@@ -240,8 +247,9 @@ def main(argv=None):
         config, model, tres = train_model(args, task, train_data, test_data, ckpt_dir)
         t_train = time.perf_counter() - t0
         print(f"trained d_model={args.d_model} tau={args.tau} on parity (max_len {args.max_len}) for "
-              f"{args.train_steps} steps in {t_train:.0f} s: test loss {tres.evals[-1][1]:.3f}, "
-              f"accuracy {tres.evals[-1][2]:.3f}", flush=True)
+              f"{args.train_steps} steps in {t_train:.0f} s: train loss {tres.train_eval[0]:.3f}, accuracy "
+              f"{tres.train_eval[1]:.3f}; test loss {tres.evals[-1][1]:.3f}, accuracy {tres.evals[-1][2]:.3f}",
+              flush=True)
         loop_infos = param_infos(config, groups=("loop",))
         loop_names = [p.name for p in loop_infos]
         tau = config.tau
@@ -306,7 +314,8 @@ def main(argv=None):
     width = {m: SketchPlan(TensorSketch(dim=m, seed=0), loop_infos).features_per_step()["loop"] for m in args.dims}
     exact_width = sum(p.numel for p in loop_infos)
 
-    cols = [("m", "m", ""), ("tensors_sketched", "tensors sketched", ""), ("rel_err_trajectory", "rel. err SDI", ".4f"), ("rel_err_tracin", "rel. err TracIn", ".4f"),
+    cols = [("m", "m", ""), ("tensors_sketched", "tensors sketched", ""), ("rel_err_trajectory", "rel. err SDI", ".4f"),
+            ("rel_err_tracin", "rel. err TracIn", ".4f"),
             ("ensemble_rel_err_trajectory", f"SDI err, mean of {args.seeds} seeds", ".4f"),
             ("pearson_trajectory", "Pearson SDI", ".4f"), ("spearman_trajectory", "Spearman SDI", ".4f"),
             ("pearson_tracin", "Pearson TracIn", ".4f"), ("spearman_tracin", "Spearman TracIn", ".4f"),
@@ -335,6 +344,7 @@ def main(argv=None):
                   "loop_tensors": len(loop_infos), "tensors_sketched_at_min_m": len(sketched),
                   "matrices": {p.name: list(p.shape) for p in loop_infos if len(p.shape) == 2}},
         "training": {"seconds": t_train, "final_test_loss": tres.evals[-1][1], "final_test_accuracy": tres.evals[-1][2],
+                     "final_train_loss": tres.train_eval[0], "final_train_accuracy": tres.train_eval[1],
                      "checkpoints": ckpt_meta},
         "features_per_step": {"exact": exact_width, **{str(m): w for m, w in width.items()}},
         "per_m": per_m,
