@@ -20,11 +20,14 @@ interleaved rounds (:func:`common.interleaved`); the headline ratio is the
 median over rounds of featurisation time / baseline time in the same round.
 Peak memory is the peak resident memory each call adds (:func:`common.peak_memory`),
 measured once per candidate after the timing.  For torch, a cProfile of the
-featurisation with the worst time ratio is stored.
+featurisation with the worst time ratio is stored.  ``--routes auto,exact_hash``
+times the core's route choice against a forced route in the same rounds.
 
     python benchmarks/bench_featurize_grid.py            # full grid (about 15 minutes on 2 idle cores)
     python benchmarks/bench_featurize_grid.py --quick    # a few seconds
     python benchmarks/bench_featurize_grid.py --backends torch --sizes 256:8:8 --batches 32 --dims 8192
+    python benchmarks/bench_featurize_grid.py --backends torch --dims 2048 --routes auto,exact_hash \
+        --name featurize_grid_torch_routes
 """
 from __future__ import annotations
 
@@ -57,8 +60,9 @@ def parse(argv):
     ap.add_argument("--seq", type=int, default=None, help=f"sequence length (default {FULL['seq']})")
     ap.add_argument("--vocab", type=int, default=None, help=f"vocabulary (default {FULL['vocab']})")
     ap.add_argument("--jax-form", default="scan", choices=("scan", "unrolled"), help="JAX model form (default scan)")
-    ap.add_argument("--route", default="auto", choices=("auto", "exact_hash", "fft"),
-                    help="TensorSketch route for outer-product uses (default auto: the core's cost model)")
+    ap.add_argument("--routes", default="auto",
+                    help="comma-separated TensorSketch routes for outer-product uses, each timed as its own "
+                         "candidate: auto (the core's cost model, default), exact_hash, fft")
     ap.add_argument("--name", default="featurize_grid", help="stem of the output files (default featurize_grid)")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile of the worst torch configuration")
     args = ap.parse_args(argv)
@@ -70,6 +74,11 @@ def parse(argv):
     args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
     args.dims = [int(m) for m in str(args.dims).split(",") if m.strip()]
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    for r in args.routes:
+        if r not in ("auto", "exact_hash", "fft"):
+            ap.error(f"unknown route {r!r}; choose from auto, exact_hash, fft")
+    args.variants = [(m, r) for m in args.dims for r in args.routes]
     for b in args.backends:
         if b not in TARGETS:
             ap.error(f"unknown backend {b!r}; choose from {sorted(TARGETS)}")
@@ -79,7 +88,12 @@ def parse(argv):
 # --------------------------------------------------------------------------- torch
 
 
-def torch_candidates(d, heads, tau, B, dims, seq, vocab, route="auto"):
+def variant_name(m, route, routes):
+    """Candidate name of sketch dimension ``m`` by ``route`` (the route only when several are compared)."""
+    return f"m={m}" if len(routes) == 1 else f"m={m} {route}"
+
+
+def torch_candidates(d, heads, tau, B, variants, seq, vocab):
     """(baseline, {m: featurize callable}, profile target factory) for one torch configuration."""
     import torch
 
@@ -101,17 +115,17 @@ def torch_candidates(d, heads, tau, B, dims, seq, vocab, route="auto"):
         model.zero_grad(set_to_none=True)
 
     feats = {}
-    for m in dims:
+    for m, route in variants:
         attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=per_example_loss,
                                     sketch=sdi_core.TensorSketch(dim=m, seed=0, route=route), progress=False)
-        feats[m] = (lambda a=attr: a.featurize([batch], progress=False))
+        feats[(m, route)] = (lambda a=attr: a.featurize([batch], progress=False))
     return fwd_bwd, feats
 
 
 # ----------------------------------------------------------------------------- jax
 
 
-def jax_candidates(d, heads, tau, B, dims, seq, vocab, form="scan", route="auto"):
+def jax_candidates(d, heads, tau, B, variants, seq, vocab, form="scan"):
     import jax
     import numpy as np
 
@@ -134,10 +148,10 @@ def jax_candidates(d, heads, tau, B, dims, seq, vocab, form="scan", route="auto"
         jax.block_until_ready(grad_fn(params, batch))
 
     feats = {}
-    for m in dims:
+    for m, route in variants:
         attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"],
                                   sketch=sdi_core.TensorSketch(dim=m, seed=0, route=route), progress=False)
-        feats[m] = (lambda a=attr: jax.block_until_ready(a.featurize_batch(params, batch)))
+        feats[(m, route)] = (lambda a=attr: jax.block_until_ready(a.featurize_batch(params, batch)))
     return fwd_bwd, feats
 
 
@@ -177,43 +191,44 @@ def main(argv=None):
             for B in args.batches:
                 t0 = time.perf_counter()
                 if backend == "torch":
-                    base, feats = torch_candidates(d, heads, tau, B, args.dims, args.seq, args.vocab, args.route)
+                    base, feats = torch_candidates(d, heads, tau, B, args.variants, args.seq, args.vocab)
                 else:
-                    base, feats = jax_candidates(d, heads, tau, B, args.dims, args.seq, args.vocab, args.jax_form,
-                                                 args.route)
-                cands = {"fwd_bwd": base, **{f"m={m}": f for m, f in feats.items()}}
+                    base, feats = jax_candidates(d, heads, tau, B, args.variants, args.seq, args.vocab, args.jax_form)
+                name = {v: variant_name(*v, args.routes) for v in feats}
+                cands = {"fwd_bwd": base, **{name[v]: f for v, f in feats.items()}}
                 samples = common.interleaved(cands, repeats=args.repeats, warmup=1)
                 summ = common.summarize(samples, "fwd_bwd")
                 _, mem_base = common.peak_memory(base)
-                for m, f in feats.items():
+                for (m, route), f in feats.items():
                     _, mem = common.peak_memory(f)
-                    s = summ[f"m={m}"]
+                    s = summ[name[(m, route)]]
                     row = {"backend": backend, "d_model": d, "heads": heads, "tau": tau, "batch": B, "m": m,
+                           "route": route,
                            "seq": args.seq, "fwd_bwd_s": summ["fwd_bwd"]["median_s"], "featurize_s": s["median_s"],
                            "time_ratio": s["ratio_paired_median"], "time_ratio_min": s["ratio_paired_min"],
                            "time_ratio_max": s["ratio_paired_max"], "time_ratio_best": s["ratio_best"],
                            "fwd_bwd_peak_mib": common.mib(mem_base), "featurize_peak_mib": common.mib(mem),
                            "memory_ratio": (mem / mem_base) if (mem is not None and mem_base) else None,
-                           "samples_s": {"fwd_bwd": samples["fwd_bwd"], "featurize": samples[f"m={m}"]}}
+                           "samples_s": {"fwd_bwd": samples["fwd_bwd"], "featurize": samples[name[(m, route)]]}}
                     rows.append(row)
                     if backend == "torch" and (worst is None or row["time_ratio"] > worst[0]):
-                        worst = (row["time_ratio"], (d, heads, tau, B, m))
-                    print(f"{backend:5s} d={d:<4d} tau={tau:<3d} B={B:<3d} m={m:<6d} fwd+bwd {row['fwd_bwd_s']:8.3f} s  "
+                        worst = (row["time_ratio"], (d, heads, tau, B, m, route))
+                    print(f"{backend:5s} d={d:<4d} tau={tau:<3d} B={B:<3d} {name[(m, route)]:<18s} fwd+bwd {row['fwd_bwd_s']:8.3f} s  "
                           f"featurize {row['featurize_s']:8.3f} s  ratio {row['time_ratio']:6.2f}  "
                           f"peak {common.fmt(row['featurize_peak_mib'], '.0f')} / "
                           f"{common.fmt(row['fwd_bwd_peak_mib'], '.0f')} MiB", flush=True)
                 print(f"  ({time.perf_counter() - t0:.0f} s for this configuration)", flush=True)
                 del base, feats, cands
         if backend == "torch" and worst is not None and not args.no_profile:
-            d, heads, tau, B, m = worst[1]
-            _, feats = torch_candidates(d, heads, tau, B, [m], args.seq, args.vocab, args.route)
-            feats[m]()
+            d, heads, tau, B, m, route = worst[1]
+            _, feats = torch_candidates(d, heads, tau, B, [(m, route)], args.seq, args.vocab)
+            feats[(m, route)]()
             profiles["torch"] = {"config": {"d_model": d, "heads": heads, "tau": tau, "batch": B, "m": m,
-                                            "time_ratio": worst[0]},
-                                 "top_tottime": profile_top(feats[m])}
+                                            "route": route, "time_ratio": worst[0]},
+                                 "top_tottime": profile_top(feats[(m, route)])}
 
     cols = [("backend", "backend", ""), ("d_model", "d_model", ""), ("tau", "tau", ""), ("batch", "B", ""),
-            ("m", "m", ""), ("fwd_bwd_s", "fwd+bwd s", ".3f"), ("featurize_s", "featurize s", ".3f"),
+            ("m", "m", ""), ("route", "route", ""), ("fwd_bwd_s", "fwd+bwd s", ".3f"), ("featurize_s", "featurize s", ".3f"),
             ("time_ratio", "time ratio", ".2f"), ("fwd_bwd_peak_mib", "fwd+bwd peak MiB", ".0f"),
             ("featurize_peak_mib", "featurize peak MiB", ".0f"), ("memory_ratio", "memory ratio", ".2f")]
     print()
@@ -227,7 +242,7 @@ def main(argv=None):
         "command": common.command_line("bench_featurize_grid.py", argv),
         "config": {"sizes": [list(s) for s in args.sizes], "batches": args.batches, "dims": args.dims,
                    "seq": args.seq, "vocab": args.vocab, "repeats": args.repeats, "threads": args.threads,
-                   "jax_form": args.jax_form, "route": args.route, "dtype": "float32",
+                   "jax_form": args.jax_form, "routes": args.routes, "dtype": "float32",
                    "selection": "loop body (16 tensors)",
                    "quick": args.quick},
         "targets": {"torch_time_ratio": TARGETS["torch"], "jax_time_ratio": TARGETS["jax"]},
@@ -247,22 +262,25 @@ def plot(payload, path):
     rows = payload["rows"]
     backends = [b for b in ("torch", "jax") if any(r["backend"] == b for r in rows)]
     fig, axes = plt.subplots(2, len(backends), figsize=(6 * len(backends), 7.5), squeeze=False)
-    dims = payload["config"]["dims"]
+    routes = payload["config"].get("routes", ["auto"])
+    variants = [(m, rt) for m in payload["config"]["dims"] for rt in routes]
     for j, b in enumerate(backends):
         mine = [r for r in rows if r["backend"] == b]
         configs = sorted({(r["d_model"], r["tau"], r["batch"]) for r in mine})
-        width = 0.8 / max(1, len(dims))
-        for k, m in enumerate(dims):
+        width = 0.8 / max(1, len(variants))
+        for k, (m, rt) in enumerate(variants):
             xs, tr, mr = [], [], []
             for i, c in enumerate(configs):
-                r = next((r for r in mine if (r["d_model"], r["tau"], r["batch"]) == c and r["m"] == m), None)
+                r = next((r for r in mine if (r["d_model"], r["tau"], r["batch"]) == c and r["m"] == m
+                          and r.get("route", "auto") == rt), None)
                 if r is None:
                     continue
-                xs.append(i + (k - (len(dims) - 1) / 2) * width)
+                xs.append(i + (k - (len(variants) - 1) / 2) * width)
                 tr.append(r["time_ratio"])
                 mr.append(r["memory_ratio"] if r["memory_ratio"] is not None else float("nan"))
-            axes[0, j].bar(xs, tr, width, label=f"m = {m}")
-            axes[1, j].bar(xs, mr, width, label=f"m = {m}")
+            label = f"m = {m}" if len(routes) == 1 else f"m = {m}, route {rt}"
+            axes[0, j].bar(xs, tr, width, label=label)
+            axes[1, j].bar(xs, mr, width, label=label)
         labels = [f"d{d} tau{t}\nB={bsz}" for d, t, bsz in configs]
         for i, (ax, what) in enumerate(((axes[0, j], "time"), (axes[1, j], "peak memory"))):
             ax.axhline(1.0, color="k", lw=0.8)
@@ -275,7 +293,7 @@ def plot(payload, path):
             ax.legend(fontsize=8)
     fig.suptitle(f"Featurisation cost relative to a plain forward+backward of the same batch "
                  f"(T={payload['config']['seq']}, float32, {payload['config']['threads']} threads, "
-                 f"route {payload['config'].get('route', 'auto')})", fontsize=10)
+                 f"route {', '.join(routes)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
