@@ -261,7 +261,7 @@ def plot(payload, path):
     plt = common.pyplot()
     rows = payload["rows"]
     backends = [b for b in ("torch", "jax") if any(r["backend"] == b for r in rows)]
-    fig, axes = plt.subplots(2, len(backends), figsize=(6 * len(backends), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(backends), figsize=(max(8, 6 * len(backends)), 7.8), squeeze=False)
     routes = payload["config"].get("routes", ["auto"])
     variants = [(m, rt) for m in payload["config"]["dims"] for rt in routes]
     for j, b in enumerate(backends):
@@ -291,7 +291,7 @@ def plot(payload, path):
             ax.set_ylabel(f"featurize / fwd+bwd ({what})")
             ax.set_title(f"{b}: {what} ratio (paired median)" if what == "time" else f"{b}: {what} ratio")
             ax.legend(fontsize=8)
-    fig.suptitle(f"Featurisation cost relative to a plain forward+backward of the same batch "
+    fig.suptitle(f"Featurisation cost relative to a plain forward+backward of the same batch\n"
                  f"(T={payload['config']['seq']}, float32, {payload['config']['threads']} threads, "
                  f"route {', '.join(routes)})", fontsize=10)
     fig.tight_layout()
