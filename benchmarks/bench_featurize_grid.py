@@ -290,7 +290,8 @@ def plot(payload, path):
             ax.set_xticklabels(labels, fontsize=8)
             ax.set_ylabel(f"featurize / fwd+bwd ({what})")
             ax.set_title(f"{b}: {what} ratio (paired median)" if what == "time" else f"{b}: {what} ratio")
-            ax.legend(fontsize=8)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+            ax.legend(fontsize=7.5, ncol=2 if len(variants) > 2 else 1, loc="upper left")
     fig.suptitle(f"Featurisation cost relative to a plain forward+backward of the same batch\n"
                  f"(T={payload['config']['seq']}, float32, {payload['config']['threads']} threads, "
                  f"route {', '.join(routes)})", fontsize=10)
