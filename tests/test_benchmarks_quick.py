@@ -28,9 +28,12 @@ SCRIPTS = {
     "bench_vs_paper.py": ["--out-dir", "{out}"],
     "bench_scoring.py": ["--out-dir", "{out}"],
     "bench_jax_featurize.py": ["--out-dir", "{out}"],
-    "bench_torch_featurize.py": ["--out", "{out}/torch_featurize_quick.json"],
 }
-TESTED_ELSEWHERE = {"bench_routes.py": "tests/test_bench_routes.py", "common.py": "a helper module, not a script"}
+TESTED_ELSEWHERE = {
+    "bench_routes.py": "tests/test_bench_routes.py",
+    "bench_torch_featurize.py": "tests/test_torch_bench.py",
+    "common.py": "a helper module, not a script",
+}
 
 PAPER_PRESENT = importlib.util.find_spec("sdi") is not None
 
@@ -139,7 +142,6 @@ def test_vs_paper_quick_reports_skipped_when_the_paper_package_is_absent(tmp_pat
 @pytest.mark.parametrize("script,result", [
     ("bench_scoring.py", "scoring_quick.json"),
     ("bench_jax_featurize.py", "jax_featurize_quick.json"),
-    ("bench_torch_featurize.py", "torch_featurize_quick.json"),
 ])
 def test_backend_benchmark_quick(tmp_path, script, result):
     run_quick(script, tmp_path)
