@@ -23,7 +23,7 @@ measured once per candidate after the timing.  For torch, a cProfile of the
 featurisation with the worst time ratio is stored.  ``--routes auto,exact_hash``
 times the core's route choice against a forced route in the same rounds.
 
-    python benchmarks/bench_featurize_grid.py            # full grid (about 15 minutes on 2 idle cores)
+    python benchmarks/bench_featurize_grid.py            # full grid (10 minutes on 2 cores at load ~3)
     python benchmarks/bench_featurize_grid.py --quick    # a few seconds
     python benchmarks/bench_featurize_grid.py --backends torch --sizes 256:8:8 --batches 32 --dims 8192
     python benchmarks/bench_featurize_grid.py --backends torch --dims 2048 --routes auto,exact_hash \

@@ -22,7 +22,7 @@ reported with that projection instead.
 
 Three sweeps from one centre point (d_model 128, tau 4, N 256): N, tau, d_model.
 
-    python benchmarks/bench_vs_exact.py            # default sweeps (about 10 minutes on 2 idle cores)
+    python benchmarks/bench_vs_exact.py            # default sweeps (4 minutes on 2 cores at load ~2)
     python benchmarks/bench_vs_exact.py --quick    # a few seconds
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ step by both implementations):
    against exact SDI (``sdi_core.Exact()`` on the float64 model), over
    several seeds: relative Frobenius error and Pearson correlation.
 
-    python benchmarks/bench_vs_paper.py            # default (about 10 minutes on 2 idle cores)
+    python benchmarks/bench_vs_paper.py            # default (4 minutes on 2 cores at load ~2)
     python benchmarks/bench_vs_paper.py --quick    # a few seconds
 """
 from __future__ import annotations
