@@ -36,6 +36,7 @@ import cProfile
 import io
 import os
 import pstats
+import re
 import sys
 import time
 
@@ -165,7 +166,10 @@ def profile_top(fn, n=15):
     prof.disable()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(n)
-    lines = [ln.rstrip() for ln in s.getvalue().splitlines() if ln.strip()]
+    root = os.path.dirname(HERE) + os.sep
+    # Paths relative to the repository (and to the Python library folder): results must not name this machine's folders.
+    lines = [re.sub(r"/\S*/lib/python\d+\.\d+/", "", ln.rstrip().replace(root, ""))
+             for ln in s.getvalue().splitlines() if ln.strip()]
     start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
     return lines[start:start + n + 1]
 
