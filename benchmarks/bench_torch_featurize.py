@@ -136,7 +136,9 @@ def run(cfg: dict, threads: int) -> dict:
     prof.disable()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
-    top = [line.rstrip() for line in s.getvalue().splitlines() if line.strip()][-16:]
+    # Profile lines name files by absolute path: keep them relative to the repository (no machine paths in results).
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    top = [line.rstrip().replace(repo, "") for line in s.getvalue().splitlines() if line.strip()][-16:]
 
     fb, ft = statistics.median(t_fb), statistics.median(t_feat)
     widths = attr.plan.features_per_step()
