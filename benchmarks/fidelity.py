@@ -33,7 +33,7 @@ at ``m >= 16384``, leaving only the two 128 x 512 MLP matrices sketched.  The
 fit therefore uses only the ``m`` at which every matrix is sketched; the
 larger ``m`` are reported (and plotted) as measured.
 
-    python benchmarks/fidelity.py            # default study (14 minutes on 2 shared cores, load ~6)
+    python benchmarks/fidelity.py            # default study (4 minutes on 2 cores at load ~2, 14 at load ~6)
     python benchmarks/fidelity.py --quick    # a few seconds, tiny model
 """
 from __future__ import annotations
