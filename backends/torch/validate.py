@@ -45,6 +45,16 @@ class LoopedGPTRetrainer:
         query_tokens, query_targets: int ``[Q, T]`` the queries and the targets
             whose loss is read out.
         threads: torch intra-op threads in each worker process.
+        leave_out: how a retraining leaves examples out.  ``"mask"`` (default):
+            the full run's batches, in the full run's order, with the left-out
+            examples' losses weighted 0, so two retrainings differ only by the
+            examples they leave out.  ``"subset"``: train on the kept examples
+            alone, with batches drawn from them (a new batch order per subset,
+            which adds training noise to every comparison).
+        warm_start, warm_start_step: when given, every retraining starts from
+            these weights (NumPy, by name: the full run's after step
+            ``warm_start_step``) and runs the rest of the schedule; only the
+            part of training after that step is counterfactual.
     """
 
     model_config: LoopedConfig
@@ -54,8 +64,13 @@ class LoopedGPTRetrainer:
     query_tokens: np.ndarray
     query_targets: np.ndarray
     threads: int = 1
+    leave_out: str = "mask"
+    warm_start: dict | None = None
+    warm_start_step: int = 0
 
     def __post_init__(self) -> None:
+        if self.leave_out not in ("mask", "subset"):
+            raise SDIError(f"LoopedGPTRetrainer.leave_out={self.leave_out!r}: expected 'mask' or 'subset'.")
         for name in ("train_tokens", "train_targets", "query_tokens", "query_targets"):
             setattr(self, name, np.ascontiguousarray(np.asarray(getattr(self, name), dtype=np.int64)))
         if self.train_tokens.shape != self.train_targets.shape or self.train_tokens.ndim != 2:
@@ -82,27 +97,41 @@ class LoopedGPTRetrainer:
         import hashlib
 
         h = hashlib.sha256()
-        for a in (self.train_tokens, self.train_targets, self.query_tokens, self.query_targets):
+        arrays = [self.train_tokens, self.train_targets, self.query_tokens, self.query_targets]
+        arrays += [np.asarray(self.warm_start[k]) for k in sorted(self.warm_start)] if self.warm_start else []
+        for a in arrays:
             h.update(str(a.shape).encode())
             h.update(a.tobytes())
         tc = self.train_config.to_dict()
         tc.pop("seed", None)
         return {"backend": "torch", "model": dataclasses.asdict(self.model_config), "train": tc,
+                "leave_out": self.leave_out, "warm_start_step": self.warm_start_step if self.warm_start else 0,
                 "data_sha256": h.hexdigest(), "torch": torch.__version__}
 
     def setup_worker(self) -> None:
         torch.set_num_threads(self.threads)
 
+    def _start(self, seed: int) -> LoopedGPT:
+        if self.warm_start is None:
+            return initial_model(self.model_config, seed)
+        return LoopedGPT.from_numpy(self.model_config, self.warm_start, dtype=torch.float32)
+
     def initial_weights(self, seed: int) -> dict[str, np.ndarray]:
-        return initial_model(self.model_config, seed).to_numpy()
+        return self._start(seed).to_numpy()
 
     def retrain(self, train_indices: np.ndarray, seed: int) -> LoopedGPT:
         idx = np.asarray(train_indices, dtype=np.int64)
         if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= self.n_train:
             raise SDIError(f"retrain: indices must be a non-empty [n] array in 0..{self.n_train - 1}.")
-        model = initial_model(self.model_config, seed)
+        model = self._start(seed)
         config = dataclasses.replace(self.train_config, seed=int(seed), eval_every=0)
-        train(model, {"tokens": self.train_tokens[idx], "targets": self.train_targets[idx]}, config, progress=False)
+        if self.leave_out == "mask":
+            weight = np.zeros(self.n_train)
+            weight[idx] = 1.0
+            data = {"tokens": self.train_tokens, "targets": self.train_targets, "example_weight": weight}
+        else:
+            data = {"tokens": self.train_tokens[idx], "targets": self.train_targets[idx]}
+        train(model, data, config, progress=False, start_step=self.warm_start_step if self.warm_start else 0)
         return model
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
