@@ -169,7 +169,7 @@ class Features:
         stop = self.n_examples if stop is None else min(stop, self.n_examples)
         for a in range(start, stop, block_rows):
             b = min(stop, a + block_rows)
-            yield a, b, [{g: arr[a:b, ...] for g, arr in blk.items()} for blk in self.data]
+            yield a, b, [{g.name: blk[g.name][a:b, ...] for g in self.layout.groups} for blk in self.data]
 
     @staticmethod
     def concat(parts: Sequence["Features"]) -> "Features":
