@@ -555,7 +555,7 @@ def _tiles(src, q: Query, modes: Sequence[str], normalize, block_rows: int, star
         del rows, block
         nxt = next(blocks, None)
         cut = slice(max(a, start) - a, min(b, stop) - a)
-        yield max(a, start), min(b, stop), {m: [p[cut] for p in t] if m == "query" else t[cut] for m, t in tiles.items()}
+        yield max(a, start), min(b, stop), {m: [p[cut, ...] for p in t] if m == "query" else t[cut, ...] for m, t in tiles.items()}
 
 
 # --------------------------------------------------------------------------- scoring
