@@ -490,8 +490,8 @@ def _query_features(obj) -> Features:
 
 
 def _source_dtype(src) -> np.dtype:
-    if isinstance(src, FeatureStore):
-        return src.dtype
+    if getattr(src, "dtype", None) is not None:  # a store (or any row source that says)
+        return np.dtype(src.dtype)
     block = src.data if isinstance(src, Features) else next(src.iter_blocks(1, 0, 1))[2]
     arrays = [a for blk in block for a in blk.values()]
     xp = array_namespace(*arrays)
