@@ -81,9 +81,13 @@ class Query:
     summed: dict[str, Any] | None
 
     @property
+    def itemsize(self) -> int:
+        return 8 if self.dtype == self.xp.float64 else 4
+
+    @property
     def nbytes(self) -> int:
         arrays = [a for d in (self.per_step or {}, self.summed or {}) for a in d.values()]
-        return sum(int(np.prod(a.shape)) for a in arrays) * _itemsize(self.xp, self.dtype)
+        return sum(int(np.prod(a.shape)) for a in arrays) * self.itemsize
 
 
 def _cat(xp, parts: list, axis: int = -1):
@@ -95,10 +99,6 @@ def _add(parts: list):
     for p in parts[1:]:
         total = total + p
     return total
-
-
-def _itemsize(xp, dtype) -> int:
-    return 8 if dtype == xp.float64 else 4
 
 
 def _norms(xp, sums: dict):

@@ -25,9 +25,11 @@ arithmetic of a one-process run: merged parts are bit-identical to it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -202,12 +204,6 @@ class _TopKMerger:
             self.index[r0:r1] = np.take_along_axis(idx, order, axis=1)
 
 
-def _topk_order(scores: np.ndarray, index: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """Positions of the top ``k`` along the last axis of candidate ``scores``/``index``: ties by smaller index."""
-    key = -scores if largest else scores
-    return np.lexsort((index, key), axis=-1)[..., :k]
-
-
 class _ArrayTopK:
     """Exact running top-k on the scores' own namespace and device; only :meth:`result` copies to NumPy.
 
@@ -330,52 +326,22 @@ class StreamedScores:
         def merge_topk(tops: list[TopK | None]) -> TopK | None:
             if tops[0] is None:
                 return None
-            idx = np.concatenate([t.indices for t in tops], axis=-1)
-            sc = np.concatenate([t.scores for t in tops], axis=-1)
-            ids = np.concatenate([t.ids for t in tops], axis=-1)
-            order = _topk_order(sc, idx, first.k, first.largest)
+            idx, sc, ids = (np.concatenate([t[i] for t in tops], axis=-1) for i in range(3))
+            order = np.lexsort((idx, -sc if first.largest else sc), axis=-1)[..., : first.k]  # ties: smaller index
             return TopK(*(np.take_along_axis(a, order, axis=-1) for a in (idx, sc, ids)))
 
-        def cat(name: str):
-            arrs = [getattr(p, name) for p in parts]
-            return None if arrs[0] is None else np.concatenate(arrs, axis=0)
-
-        return StreamedScores(
-            slot_topk=merge_topk([p.slot_topk for p in parts]),
-            total_topk=merge_topk([p.total_topk for p in parts]),
-            slot_labels=first.slot_labels,
-            train_slot_labels=first.train_slot_labels,
-            rows=(parts[0].rows[0], parts[-1].rows[1]),
-            n_train=first.n_train,
-            query_ids=first.query_ids,
-            k=first.k,
-            largest=first.largest,
-            block_rows=first.block_rows,
-            trajectory=cat("trajectory"),
-            tracin=cat("tracin"),
-            train_trajectory=cat("train_trajectory"),
-            step_matrix=cat("step_matrix"),
-            meta=dict(first.meta),
-        )
+        dense = {d: None if getattr(first, d) is None else np.concatenate([getattr(p, d) for p in parts]) for d in DENSE_KINDS}
+        return replace(first, slot_topk=merge_topk([p.slot_topk for p in parts]), rows=(first.rows[0], parts[-1].rows[1]),
+                       total_topk=merge_topk([p.total_topk for p in parts]), meta=dict(first.meta), **dense)
 
     def to_npz(self, path: str | os.PathLike) -> None:
         """Save every computed array (and the labels) to a ``.npz`` file."""
-        arrays: dict[str, Any] = {
-            "slot_labels": np.asarray(self.slot_labels),
-            "train_slot_labels": np.asarray(self.train_slot_labels),
-            "rows": np.asarray(self.rows),
-            "query_ids": self.query_ids,
-        }
+        arrays: dict[str, Any] = {"slot_labels": np.asarray(self.slot_labels), "rows": np.asarray(self.rows),
+                                  "train_slot_labels": np.asarray(self.train_slot_labels), "query_ids": self.query_ids}
         for name in ("slot_topk", "total_topk"):
-            t = getattr(self, name)
-            if t is not None:
-                arrays[f"{name}_indices"] = t.indices
-                arrays[f"{name}_scores"] = t.scores
-                arrays[f"{name}_ids"] = t.ids
-        for name in DENSE_KINDS:
-            a = getattr(self, name)
-            if a is not None:
-                arrays[name] = a
+            if getattr(self, name) is not None:
+                arrays.update({f"{name}_{f}": getattr(getattr(self, name), f) for f in TopK._fields})
+        arrays.update({d: getattr(self, d) for d in DENSE_KINDS if getattr(self, d) is not None})
         np.savez(os.fspath(path), **arrays)
 
     def table(self, max_queries: int | None = 20) -> str:
@@ -451,21 +417,32 @@ def plan_blocks(budget: int, *, n_rows: int, fixed_bytes: int, row_bytes: int, b
     return BlockPlan(rows, int(fixed_bytes), int(row_bytes), merge, int(budget))
 
 
-def _plan(budget: int, src, q: Query, modes: Sequence[str], k: int, dense_row: int, n_dense: int, block_rows):
+def _plan(budget: int, src, q: Query, modes: Sequence[str], k: int, dense, n_dense: int, block_rows) -> BlockPlan:
     """Bytes of one score_store run (see :func:`plan_blocks`), from the shapes alone."""
-    isz, nq, t_steps = (8 if q.dtype == q.xp.float64 else 4), q.n, dict(src.steps)
+    isz, nq, t_steps, sq = q.itemsize, q.n, dict(src.steps), sum(q.steps.values())
+    st = sum(t_steps.values())
     widths = {g.name: g.width * len(src.checkpoints) for g in src.layout.groups}
     stored = sum((1 if src.summed else t_steps[g]) * w for g, w in widths.items()) * _source_dtype(src).itemsize
-    staged = not is_numpy_namespace(q.xp)  # two blocks in flight on the device
-    sq, st = sum(q.steps.values()), sum(t_steps.values())
-    row = stored * (2 if staged else 1) + sum(widths.values()) * isz
-    per_mode = {"query": nq * (sq + 2) * isz + nq * (sq + 1) * (1 if not staged else isz + 24),
-                "tracin": nq * isz * 2 + nq * (1 if not staged else isz + 24),
-                "train": 2 * nq * st * isz + sum(t_steps[g] * w for g, w in widths.items()) * isz,
-                "matrix": 3 * nq * st * sq * isz + sum(t_steps[g] * w for g, w in widths.items()) * isz}
-    row += sum(per_mode[m] for m in modes) + (dense_row if staged else 0)
+    per_step = sum(t_steps[g] * w for g, w in widths.items()) * isz
+    staged = not is_numpy_namespace(q.xp)  # two blocks in flight on the device; tiles copied to the host
+    scan = 1 if not staged else isz + 24  # per score: the NumPy merger's mask, or the device merger's sort
+    dense_row = nq * isz * sum({"trajectory": sq, "tracin": 1, "train_trajectory": st, "step_matrix": st * sq}[d]
+                               for d in dense)
+    per_mode = {"query": nq * (sq + 2) * isz + nq * (sq + 1) * scan, "tracin": 2 * nq * isz + nq * scan,
+                "train": 2 * nq * st * isz + per_step, "matrix": 3 * nq * st * sq * isz + per_step}
+    row = stored * (2 if staged else 1) + sum(widths.values()) * isz + sum(per_mode[m] for m in modes)
+    row += dense_row if staged else 0
     fixed = q.nbytes + n_dense * dense_row + 16 * k * nq * (sq + 1)
     return plan_blocks(budget, n_rows=src.n_examples, fixed_bytes=fixed, row_bytes=row, block_rows=block_rows)
+
+
+def _progress(on: bool, total: int, desc: str):
+    """A tqdm bar over ``total`` train rows when ``on``, else a stand-in that does nothing."""
+    if not on:
+        return contextlib.nullcontext(SimpleNamespace(update=lambda n: None))
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True)
 
 
 # --------------------------------------------------------------------------- sources and devices
@@ -628,15 +605,12 @@ def _check_score_args(tr, qf: Features, k, dense, normalize, rank, world_size, b
             "Train-step trajectories and step matrices need per-step train features, but the store was "
             "summed over steps. Featurise the train side with summed=False."
         )
-    for name, v in (("rank", rank), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise SDIError(f"score_store({name}={v!r}): must be an int.")
-    if world_size < 1 or not 0 <= rank < world_size:
+    for name, v, low in (("rank", rank, 0), ("world_size", world_size, 1), ("k", k, 0), ("block_rows", block_rows, 1)):
+        if (v is not None or name in ("rank", "world_size")) and (
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+            raise SDIError(f"score_store({name}={v!r}): must be an int >= {low}{'' if name[0] in 'rw' else ' or None'}.")
+    if rank >= world_size:
         raise SDIError(f"score_store(rank={rank}, world_size={world_size}): need 0 <= rank < world_size.")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
-        raise SDIError(f"score_store(k={k!r}): must be a non-negative int or None.")
-    if block_rows is not None and (not isinstance(block_rows, (int, np.integer)) or block_rows < 1):
-        raise SDIError(f"score_store(block_rows={block_rows!r}): must be a positive int.")
     cdt = np.dtype(dtype) if dtype is not None else _source_dtype(tr)
     if cdt.name not in ("float32", "float64"):
         raise SDIError(f"score_store(dtype={dtype!r}): expected float32 or float64.")
@@ -702,34 +676,22 @@ def score_store(
     budget, (start, stop) = parse_bytes(budget), _rank_rows(tr.n_examples, int(rank), int(world_size))
     k = min(int(k or 0), stop - start)
     want_slots, want_total = bool(slots) and k > 0, bool(total) and k > 0
-    modes = [m for m, on in (("query", want_slots or "trajectory" in dense),
-                             ("tracin", not (want_slots or "trajectory" in dense) and (want_total or "tracin" in dense)),
-                             ("train", "train_trajectory" in dense), ("matrix", "step_matrix" in dense)) if on]
+    tile = want_slots or "trajectory" in dense  # the query-step tile, else TracIn alone when that is all
+    modes = ["query" if tile else "tracin"] if tile or want_total or "tracin" in dense else []
+    modes += [m for m, d in (("train", "train_trajectory"), ("matrix", "step_matrix")) if d in dense]
     # prepare: the query on the computation device, scaled once
     xp, device = _space(tr, qf)
-    need = [n for n, on in (("per_step", {"query", "matrix"} & set(modes)), ("summed", {"tracin", "train"} & set(modes))) if on]
+    need = [n for n, ms in (("per_step", {"query", "matrix"}), ("summed", {"tracin", "train"})) if ms & set(modes)]
     q = prepare_query(replace(qf, data=_on(xp, device, qf.data)), [c.eta for c in tr.checkpoints],
                       normalize=normalize, order=order, need=need, dtype=getattr(xp, cdt.name))
-    # plan: block rows under the budget (the same in every rank)
-    t_slots = sum(tr.steps.values())
-    dense_row = q.n * cdt.itemsize * sum({"trajectory": sum(q.steps.values()), "tracin": 1, "train_trajectory": t_slots,
-                                          "step_matrix": t_slots * sum(q.steps.values())}[d] for d in dense)
-    plan = _plan(budget, tr, q, modes, k, dense_row, -(-tr.n_examples // int(world_size)), block_rows)
-    # loop and assemble
-    acc = _Assembly(q, t_slots, k, largest, want_slots, want_total, dense, stop - start, start, plan.merge_bytes)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stop - start, desc="scoring", unit="row", unit_scale=True)
-    try:
+    # plan: block rows under the budget (the same in every rank), then loop and assemble
+    plan = _plan(budget, tr, q, modes, k, dense, -(-tr.n_examples // int(world_size)), block_rows)
+    acc = _Assembly(q, sum(tr.steps.values()), k, largest, want_slots, want_total, dense, stop - start, start,
+                    plan.merge_bytes)
+    with _progress(progress, stop - start, "scoring") as bar:
         for lo, hi, tiles in _tiles(tr, q, modes, normalize, plan.block_rows, start, stop) if modes else ():
             acc.add(lo, hi, tiles)
-            if bar is not None:
-                bar.update(hi - lo)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(hi - lo)
     slot_topk, total_topk = acc.topk(tr.example_ids)
     return StreamedScores(
         slot_topk=slot_topk, total_topk=total_topk, slot_labels=qf.slot_labels(),
@@ -767,20 +729,13 @@ def self_influence_store(
     stored = sum((1 if src.summed else src.steps[g.name]) * g.width for g in src.layout.groups) * len(etas)
     rows = max(1, budget // max(1, stored * (_source_dtype(src).itemsize + 8 * 2)))
     per_slot, tracin = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stop - start, desc="self-influence", unit="row", unit_scale=True)
-    for lo, hi, block in src.iter_blocks(int(rows), start, stop):
-        xp = array_namespace(*[a for blk in block for a in blk.values()])
-        p, t = self_influence_rows(block, etas, per_slot=not src.summed, normalize=normalize, xp=xp, dtype=xp.float64)
-        per_slot.append(None if p is None else to_numpy(p))
-        tracin.append(to_numpy(t))
-        if bar is not None:
+    with _progress(progress, stop - start, "self-influence") as bar:
+        for lo, hi, block in src.iter_blocks(int(rows), start, stop):
+            xp = array_namespace(*[a for blk in block for a in blk.values()])
+            p, t = self_influence_rows(block, etas, per_slot=not src.summed, normalize=normalize, xp=xp, dtype=xp.float64)
+            per_slot.append(None if p is None else to_numpy(p))
+            tracin.append(to_numpy(t))
             bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
     n_slots = sum(src.steps.values())
     return SelfInfluence(None if src.summed else np.concatenate(per_slot or [np.zeros((0, n_slots))]),
                          np.concatenate(tracin or [np.zeros(0)]), slot_labels(src.layout, src.steps))
