@@ -35,6 +35,7 @@ N_train and against the budget).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,28 +53,56 @@ QUICK = dict(n_train=4_000, dim=256, n_query=16, steps=4, shard_rows=1_000, spli
              budget="64MiB")
 
 
-def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(ap)
-    ap.add_argument("--n-train", type=int, default=200_000, help="training examples in the store")
-    ap.add_argument("--dim", type=int, default=2048, help="feature width m")
+def workload_args(ap, *, n_train: int, dim: int, budget: str, shard_rows: int) -> None:
+    """The synthetic store and query workload's options (shared with ``gpu_check.py``)."""
+    ap.add_argument("--n-train", type=int, default=n_train, help="training examples in the store")
+    ap.add_argument("--dim", type=int, default=dim, help="feature width m")
     ap.add_argument("--n-query", type=int, default=256, help="query examples")
     ap.add_argument("--steps", type=int, default=8, help="loop steps per query")
     ap.add_argument("--k", type=int, default=10, help="top-k per query and step (and in total)")
-    ap.add_argument("--budget", default="2GiB", help="memory budget of the N_train sweep (and the headline)")
-    ap.add_argument("--budgets", default="256MiB,512MiB,1GiB,2GiB,4GiB", help="budgets of the budget sweep")
-    ap.add_argument("--splits", default="10,5,2,1", help="N_train sweep: score the first n_train / s rows")
-    ap.add_argument("--shard-rows", type=int, default=25_000, help="rows per shard when writing the store")
+    ap.add_argument("--budget", default=budget, help="memory budget of score_store")
+    ap.add_argument("--shard-rows", type=int, default=shard_rows, help="rows per shard when writing the store")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store-dir", default=None, help="where to write the store (default: a temporary directory)")
-    ap.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
-    ap.add_argument("--split", type=int, default=1, help=argparse.SUPPRESS)
+
+
+def finish_args(ap, argv, quick: dict):
+    """Parsed arguments, with ``quick``'s values under ``--quick`` and 1 (quick) or 3 timed rounds by default."""
     args = ap.parse_args(argv)
     if args.quick:
-        for key, value in QUICK.items():
+        for key, value in quick.items():
             setattr(args, key, value)
     args.repeats = args.repeats or (1 if args.quick else 3)
     return args
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(ap)
+    workload_args(ap, n_train=200_000, dim=2048, budget="2GiB", shard_rows=25_000)
+    ap.add_argument("--budgets", default="256MiB,512MiB,1GiB,2GiB,4GiB", help="budgets of the budget sweep")
+    ap.add_argument("--splits", default="10,5,2,1", help="N_train sweep: score the first n_train / s rows")
+    ap.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--split", type=int, default=1, help=argparse.SUPPRESS)
+    return finish_args(ap, argv, QUICK)
+
+
+@contextlib.contextmanager
+def synthetic_store(args):
+    """Write the workload's store (under ``--store-dir`` or a temporary directory, removed afterwards).
+
+    Yields ``(store, seconds it took to write)``.
+    """
+    tmp = args.store_dir or tempfile.mkdtemp(prefix="sdi-bench-store-")
+    path = os.path.join(tmp, "train")
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        t0 = time.perf_counter()
+        store = build_store(path, args.n_train, args.dim, args.steps, args.shard_rows, args.seed)
+        yield store, time.perf_counter() - t0
+    finally:
+        if args.store_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_store(path: str, n_train: int, dim: int, steps: int, shard_rows: int, seed: int):
@@ -188,13 +217,8 @@ def main(argv=None) -> int:
     import sdi_core
     from sdi_core.scoring import parse_bytes
 
-    tmp = args.store_dir or tempfile.mkdtemp(prefix="sdi-bench-store-")
-    store_path = os.path.join(tmp, "train")
-    shutil.rmtree(store_path, ignore_errors=True)
-    try:
-        t0 = time.perf_counter()
-        store = build_store(store_path, args.n_train, args.dim, args.steps, args.shard_rows, args.seed)
-        write_s = time.perf_counter() - t0
+    with synthetic_store(args) as (store, write_s):
+        store_path = store.path
         splits = [int(s) for s in args.splits.split(",")]
         budgets = [b.strip() for b in args.budgets.split(",")]
         plan = [("n_train", s, args.budget) for s in splits] + [("budget", 1, b) for b in budgets]
@@ -237,9 +261,6 @@ def main(argv=None) -> int:
         print(f"{'valid' if record['valid'] else 'NOT VALID (machine not quiet)'}; top-k verified: "
               f"{record['topk_matches_baseline_product']} -> {path}, {png}")
         return 0 if record["topk_matches_baseline_product"] else 1
-    finally:
-        if args.store_dir is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plot(record, path):

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -38,23 +35,12 @@ QUICK = dict(n_train=6_000, dim=256, n_query=16, steps=4, shard_rows=2_000, budg
 
 
 def parse(argv):
+    from bench_scoring import finish_args, workload_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(ap)
-    ap.add_argument("--n-train", type=int, default=1_000_000)
-    ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--n-query", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--budget", default="8GiB", help="score_store's budget (device memory for blocks and tiles)")
-    ap.add_argument("--shard-rows", type=int, default=100_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--store-dir", default=None, help="where to write the store (default: a temporary directory)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    return args
+    workload_args(ap, n_train=1_000_000, dim=4096, budget="8GiB", shard_rows=100_000)
+    return finish_args(ap, argv, QUICK)
 
 
 def main(argv=None) -> int:
@@ -64,7 +50,7 @@ def main(argv=None) -> int:
     import torch
 
     import array_api_compat.torch as tx
-    from bench_scoring import build_store, query_of
+    from bench_scoring import query_of, synthetic_store
     from sdi_core import Features
     from sdi_core.scoring import parse_bytes, score_store
 
@@ -78,13 +64,7 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    tmp = args.store_dir or tempfile.mkdtemp(prefix="sdi-gpu-store-")
-    path = os.path.join(tmp, "train")
-    shutil.rmtree(path, ignore_errors=True)
-    try:
-        t0 = time.perf_counter()
-        store = build_store(path, args.n_train, args.dim, args.steps, args.shard_rows, args.seed)
-        write_s = time.perf_counter() - t0
+    with synthetic_store(args) as (store, write_s):
         query_np = query_of(args, store)
         query = Features([{"loop": tx.asarray(query_np.data[0]["loop"], device=dev)}], query_np.layout,
                          query_np.checkpoints, query_np.steps)
@@ -142,9 +122,6 @@ def main(argv=None) -> int:
               f"block {res.block_rows} rows, peak device memory {peaks}, top-k verified {verified}; "
               f"{'valid' if record['valid'] else 'NOT VALID (load above 0.5)'} -> {out_path}")
         return 0 if verified else 1
-    finally:
-        if args.store_dir is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

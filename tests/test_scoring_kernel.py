@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 import sdi_core
-from sdi_core import CheckpointInfo, Exact, FactorUse, Features, ParamInfo, SDIError, SketchPlan, TensorSketch
+from sdi_core import CheckpointInfo, Exact, Features, SDIError, SketchPlan, TensorSketch
 from sdi_core import scoring as scoring_mod
 from sdi_core._array import to_numpy
 from sdi_core.features import check_compatible
 from sdi_core.reference import exact_sdi, per_step_gradients
 from sdi_core.scoring import StreamedScores, score_store, self_influence_store
 from sdi_core.store import featurize_to_store, write_features
-from test_store_helpers import BatchFeaturizer, make_features
+from test_algebra import PARAMS, random_uses
+from test_store_helpers import BatchFeaturizer, count_calls, make_features
 
 SIZES = [7, 5, 9, 4, 6, 8, 3]  # 42 train rows over shards of unequal size
 DENSE = ("trajectory", "tracin", "train_trajectory", "step_matrix")
@@ -147,24 +148,7 @@ def test_store_blocks_reach_a_cuda_query_through_pinned_memory(store, monkeypatc
 # --------------------------------------------------------------------------- parameter order
 
 
-PARAMS = [
-    ParamInfo("emb.weight", (7, 4), "prelude"),
-    ParamInfo("block.fc.weight", (6, 4), "loop"),
-    ParamInfo("block.fc.bias", (6,), "loop"),
-    ParamInfo("block.ln.weight", (4,), "loop"),
-    ParamInfo("head.weight", (5, 4), "coda"),
-]
 STEPS = {"prelude": 1, "loop": 3, "coda": 1}
-
-
-def _uses(rng, n):
-    uses = [FactorUse("emb.weight", 0, "embedding", rng.integers(0, 7, (n, 3)), rng.normal(size=(n, 3, 4)))]
-    for s in range(3):
-        uses.append(FactorUse("block.fc.weight", s, "linear", rng.normal(size=(n, 3, 4)), rng.normal(size=(n, 3, 6))))
-        uses.append(FactorUse("block.fc.bias", s, "bias", None, rng.normal(size=(n, 3, 6))))
-        uses.append(FactorUse("block.ln.weight", s, "scale", rng.normal(size=(n, 3, 4)), rng.normal(size=(n, 3, 4))))
-    uses.append(FactorUse("head.weight", 0, "linear", rng.normal(size=(n, 3, 4)), rng.normal(size=(n, 3, 5))))
-    return uses
 
 
 def _features(params, uses, n, sketch, etas):
@@ -178,7 +162,7 @@ def _features(params, uses, n, sketch, etas):
 def test_layouts_that_differ_only_in_parameter_order_contract_matching_columns(tmp_path, sketch):
     rng = np.random.default_rng(0)
     etas = [0.5, 0.25]
-    tr_uses, q_uses = [_uses(rng, 9) for _ in etas], [_uses(rng, 4) for _ in etas]
+    tr_uses, q_uses = [random_uses(rng, 9, 3) for _ in etas], [random_uses(rng, 4, 3) for _ in etas]
     permuted = [PARAMS[0], PARAMS[3], PARAMS[1], PARAMS[4], PARAMS[2]]  # torch order vs first-use order, say
     train, query = _features(PARAMS, tr_uses, 9, sketch, etas), _features(permuted, q_uses, 4, sketch, etas)
     assert train.layout.group("loop").params != query.layout.group("loop").params
@@ -207,9 +191,9 @@ def test_layouts_that_differ_only_in_parameter_order_contract_matching_columns(t
 def test_parameter_sets_that_differ_are_still_refused():
     rng = np.random.default_rng(1)
     etas = [1.0]
-    a = _features(PARAMS, [_uses(rng, 3)], 3, Exact(), etas)
+    a = _features(PARAMS, [random_uses(rng, 3, 3)], 3, Exact(), etas)
     fewer = [p for p in PARAMS if p.name != "block.ln.weight"]
-    b = _features(fewer, [[u for u in _uses(rng, 3) if u.param != "block.ln.weight"]], 3, Exact(), etas)
+    b = _features(fewer, [[u for u in random_uses(rng, 3, 3) if u.param != "block.ln.weight"]], 3, Exact(), etas)
     with pytest.raises(SDIError, match=r"only in first: \['block.ln.weight'\]"):
         sdi_core.influence(a, b)
 
@@ -286,14 +270,7 @@ def test_array_merger_is_exact_on_every_namespace(xp, kind, largest):
 
 def test_torch_topk_narrowing_is_taken_and_exact(monkeypatch):
     tx = pytest.importorskip("array_api_compat.torch")
-    calls = {"narrow": 0}
-    real = scoring_mod._ArrayTopK._narrow
-
-    def counting(self, keys, index):
-        calls["narrow"] += 1
-        return real(self, keys, index)
-
-    monkeypatch.setattr(scoring_mod._ArrayTopK, "_narrow", counting)
+    calls = count_calls(monkeypatch, scoring_mod._ArrayTopK, "_narrow")
     rng = np.random.default_rng(3)
     for scores in (rng.standard_normal((400, 7)), rng.integers(-1, 2, size=(400, 7)).astype(np.float64)):
         m = scoring_mod._ArrayTopK(tx, 7, 4, True, tx.float64, None)
@@ -303,4 +280,4 @@ def test_torch_topk_narrowing_is_taken_and_exact(monkeypatch):
         want_idx, want_val = _reference_topk(scores, 4, True)
         np.testing.assert_array_equal(idx, want_idx)
         np.testing.assert_array_equal(val, want_val)
-    assert calls["narrow"] >= 5, calls
+    assert calls["calls"] >= 5, calls
