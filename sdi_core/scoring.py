@@ -660,7 +660,9 @@ def score_store(
         largest: rank by largest (proponents) or smallest (opponents) value.
         rank, world_size: score only train rows
             ``[N * rank // world_size, N * (rank + 1) // world_size)``;
-            combine the parts with :meth:`StreamedScores.merge`.
+            combine the parts with :meth:`StreamedScores.merge` (bit-identical
+            to one process: a rank also computes, and drops, the other rows of
+            the at most two blocks it shares with its neighbours).
         block_rows: cap on train rows per block (default: what the budget
             allows, at most :data:`DEFAULT_BLOCK_ROWS`).
         dtype: computation dtype; default the train store's (float32 stores
