@@ -142,6 +142,20 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+QUIET_LOAD = 0.5  # a 1-minute load average above this at either end of a measurement invalidates it
+
+
+def load_record(before: list[float] | None, after: list[float] | None, limit: float = QUIET_LOAD) -> dict:
+    """The load averages around one measurement and whether it counts: ``valid`` iff both 1-minute loads <= ``limit``.
+
+    ``before``/``after`` are :func:`os.getloadavg` triples (None where the
+    system reports none: then ``valid`` is None, unknown).
+    """
+    loads = [x[0] for x in (before, after) if x is not None]
+    valid = None if len(loads) < 2 else bool(max(loads) <= limit)
+    return {"load_before": before, "load_after": after, "load_limit": limit, "valid": valid}
+
+
 def finish_info(info: dict) -> dict:
     """``info`` with the versions of libraries imported since :func:`setup` and the load at the end."""
     out = dict(info)
