@@ -46,6 +46,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .factors import SDIError
+from .metrics import spearman
 
 __all__ = [
     "Retrainer",
@@ -330,23 +331,6 @@ def run_jobs(
 # --------------------------------------------------------------------------- statistics
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks along the last axis (ties share their mean rank), as Spearman needs."""
-    from scipy.stats import rankdata
-
-    return rankdata(x, axis=-1)
-
-
-def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of ``a[j]`` and ``b[j]`` for every row ``j`` (NaN where a row is constant)."""
-    ra, rb = _ranks(a), _ranks(b)
-    ra = ra - ra.mean(-1, keepdims=True)
-    rb = rb - rb.mean(-1, keepdims=True)
-    den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
-
-
 def random_subsets(n_train: int, n_subsets: int, fraction: float, seed: int) -> np.ndarray:
     """``n_subsets`` distinct random subsets of ``round(fraction * n_train)`` examples: bool ``[M, n_train]``."""
     if isinstance(n_subsets, bool) or not isinstance(n_subsets, (int, np.integer)) or n_subsets < 2:
@@ -432,14 +416,14 @@ def linear_datamodeling_score(
     if not np.all(np.isfinite(scores)):
         raise SDIError("LDS: the attribution scores contain NaN or inf.")
     predicted = masks.astype(np.float64) @ scores  # [M, Q]
-    per_query = _spearman_rows(predicted.T, actual.T)
+    per_query = spearman(predicted, actual, axis=0)  # over subsets, one value per query
     mean = float(np.nanmean(per_query)) if np.any(np.isfinite(per_query)) else float("nan")
     rng = np.random.default_rng(seed)
     m = masks.shape[0]
     boot = np.empty(n_boot)
     for b in range(n_boot):
         idx = rng.integers(0, m, size=m)
-        r = _spearman_rows(predicted[idx].T, actual[idx].T)
+        r = spearman(predicted[idx], actual[idx], axis=0)
         boot[b] = np.nanmean(r) if np.any(np.isfinite(r)) else np.nan
     lo, hi = (np.nanpercentile(boot, [2.5, 97.5]) if np.any(np.isfinite(boot)) else (np.nan, np.nan))
     return LDSResult(method, mean, float(lo), float(hi), per_query, predicted, -actual)
@@ -612,7 +596,9 @@ def mislabel_detection(self_influence: np.ndarray, flipped: np.ndarray, *, inspe
     n_pos, n = int(y.sum()), y.size
     if n_pos == 0 or n_pos == n:
         raise SDIError("mislabel_detection needs both flipped and clean examples.")
-    ranks = _ranks(s)
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)
     auc = float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
     order = np.lexsort((np.arange(n), -s))
     found = np.concatenate([[0], np.cumsum(y[order])]) / n_pos
