@@ -68,14 +68,15 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
 # Attribution and report sizes of the default run, and the small budget used by
 # the test suite (everything tiny: it checks the plumbing, not the model).
 ATTRIBUTION_DEFAULTS: dict[str, Any] = dict(
-    sketch_dim=512, n_train=256, n_query=16, n_checkpoints=4, exact_train=48, exact_query=8, max_queries=4,
+    sketch_dim=512, sketch_seeds=3, n_train=256, n_query=16, n_checkpoints=4, exact_train=48, exact_query=8,
+    max_queries=4,
     featurize_batch=64,
 )
 BUDGETS: dict[str, dict[str, Any]] = {
     "default": {},
     "small": dict(
         d_model=16, n_heads=2, tau=2, query_tau=3, train_steps=30, batch_size=32, train_size=96, test_size=32,
-        sketch_dim=128, n_train=24, n_query=4, n_checkpoints=2, exact_train=12, exact_query=2, max_queries=2,
+        sketch_dim=128, sketch_seeds=2, n_train=24, n_query=4, n_checkpoints=2, exact_train=12, exact_query=2, max_queries=2,
     ),
 }
 
@@ -100,6 +101,7 @@ class RunSettings:
     train_size: int = 1000
     test_size: int = 500
     sketch_dim: int = 2048
+    sketch_seeds: int = 1
     n_train: int = 256
     n_query: int = 16
     n_checkpoints: int = 4
@@ -118,7 +120,8 @@ class RunSettings:
         if self.task not in TASK_NAMES:
             raise SDIError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}.")
         for name in ("d_model", "n_heads", "tau", "query_tau", "train_steps", "batch_size", "train_size", "test_size",
-                     "sketch_dim", "n_train", "n_query", "n_checkpoints", "max_queries", "featurize_batch"):
+                     "sketch_dim", "sketch_seeds", "n_train", "n_query", "n_checkpoints", "max_queries",
+                     "featurize_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SDIError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
@@ -331,6 +334,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     from sdi_torch.train import TrainConfig, evaluate, train
 
     from . import Exact, TensorSketch, influence
+    from .error_bars import influence_with_error_bars
     from .reference.looped_transformer import LoopedConfig
     from .report import ExactComparison, Extrapolation, ReportData, TrainingCurve, compare_sketch_exact, write_report
     from .tasks import get_task
@@ -383,13 +387,21 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
 
     clock.lap()
     _log(s, f"[sdi] featurising {s.n_train} train and {s.n_query} query examples at {len(checkpoints)} checkpoints "
-            f"(TensorSketch dim {s.sketch_dim})")
-    sketcher = make_attributor(TensorSketch(dim=s.sketch_dim, seed=s.seed))
-    f_train = sketcher.featurize(_batches(train_sub, s.featurize_batch, train_sub_targets), checkpoints,
-                                 example_ids=np.arange(s.n_train))
-    f_query = sketcher.featurize(_batches(query_sub, s.featurize_batch), checkpoints, example_ids=q_idx)
-    res = influence(f_train, f_query)
-    trajectory = _to_numpy(res.trajectory)
+            f"(TensorSketch dim {s.sketch_dim}, {s.sketch_seeds} independent seed(s))")
+    # One featurisation per sketch seed; with several, the report shows their mean and +-2 SE bands.
+    seeded = []
+    for seed in range(s.seed, s.seed + s.sketch_seeds):
+        sketcher = make_attributor(TensorSketch(dim=s.sketch_dim, seed=seed))
+        f_train = sketcher.featurize(_batches(train_sub, s.featurize_batch, train_sub_targets), checkpoints,
+                                     example_ids=np.arange(s.n_train))
+        f_query = sketcher.featurize(_batches(query_sub, s.featurize_batch), checkpoints, example_ids=q_idx)
+        seeded.append((f_train, f_query))
+    f_train, f_query = seeded[0]
+    single = _to_numpy(influence(f_train, f_query).trajectory)  # one sketch of dim m: what the exact check measures
+    trajectory, trajectory_se = single, None
+    if len(seeded) > 1:
+        est = influence_with_error_bars([t for t, _ in seeded], [q for _, q in seeded]).trajectory
+        trajectory, trajectory_se = _to_numpy(est.mean), _to_numpy(est.se)
     slot_labels = f_query.slot_labels()
     timings["featurize + score (sketch)"], cpu["featurize + score (sketch)"] = clock.lap()
 
@@ -413,7 +425,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
                                            train_sub_targets[: s.exact_train]), checkpoints)
         e_query = exact.featurize(_batches(query_sub.subset(np.arange(s.exact_query)), s.featurize_batch), checkpoints)
         exact_traj = _to_numpy(influence(e_train, e_query).trajectory)
-        exact_cmp = ExactComparison(trajectory[: s.exact_train, : s.exact_query], exact_traj,
+        exact_cmp = ExactComparison(single[: s.exact_train, : s.exact_query], exact_traj,
                                     np.arange(s.exact_train), np.arange(s.exact_query), sketch_dim=s.sketch_dim)
         comparison = compare_sketch_exact(exact_cmp.sketch, exact_cmp.exact, k=10)
         timings["exact"], cpu["exact"] = clock.lap()
@@ -433,7 +445,9 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
                     + (", auxiliary running-parity targets at every bit" if s.aux_targets and s.task == "parity" else ""),
         "test accuracy": f"{test_acc:.3f} ({len(test_set)} test examples, inputs unseen in training)",
         "checkpoints": ", ".join(f"step {c.step} (eta {c.lr:.2e})" for c in result.checkpoints),
-        "sketch": f"TensorSketch dim {s.sketch_dim} per parameter tensor, seed {s.seed}",
+        "sketch": f"TensorSketch dim {s.sketch_dim} per parameter tensor, seed {s.seed}"
+                  + (f" and {s.sketch_seeds - 1} more independent seeds (mean shown, bands +-2 SE)"
+                     if s.sketch_seeds > 1 else ""),
         "attributed": f"{s.n_train} train x {s.n_query} query examples",
         "wall time": ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
         "CPU time": ", ".join(f"{k} {v:.1f} s" for k, v in cpu.items()),
@@ -458,6 +472,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         training=TrainingCurve(result.losses, result.evals, [c.step for c in result.checkpoints]),
         summary=summary,
         title=f"SDI report: looped GPT on {s.task}",
+        trajectory_se=trajectory_se,
     )
     files = write_report(data, out, max_queries=s.max_queries)
     timings["report"], cpu["report"] = clock.lap()
@@ -562,6 +577,9 @@ def register(subparsers) -> None:
     g.add_argument("--sketch-dim", type=_pos, default=None, metavar="N",
                    help=f"TensorSketch dimension per parameter tensor; tensors with at most this many entries are kept "
                         f"exactly (default: {_A['sketch_dim']})")
+    g.add_argument("--sketch-seeds", type=_pos, default=None, metavar="R",
+                   help=f"independent sketch seeds; with R > 1 the report shows their mean with +-2 SE bands "
+                        f"(default: {_A['sketch_seeds']})")
     g.add_argument("--n-train", type=_pos, default=None, metavar="N",
                    help=f"training examples attributed (the first of the training set) (default: {_A['n_train']})")
     g.add_argument("--n-query", type=_pos, default=None, metavar="N",
@@ -576,7 +594,8 @@ def register(subparsers) -> None:
 
 
 _RUN_KEYS = ("d_model", "n_heads", "tau", "query_tau", "n_prelude", "n_coda", "train_steps", "batch_size", "lr",
-             "optimizer", "aux_targets", "train_size", "test_size", "n_checkpoints", "sketch_dim", "n_train", "n_query",
+             "optimizer", "aux_targets", "train_size", "test_size", "n_checkpoints", "sketch_dim", "sketch_seeds", "n_train",
+             "n_query",
              "exact_train", "exact_query", "max_queries")
 
 
