@@ -326,24 +326,30 @@ def run_pipeline(settings: RunSettings) -> RunOutcome:
         torch.set_num_threads(old_threads)
 
 
-def _pipeline(settings: RunSettings) -> RunOutcome:
+@dataclass
+class TrainedTask:
+    """A task's data and the looped GPT trained on it (see :func:`train_task_model`)."""
+
+    task: Any
+    train_set: Any
+    test_set: Any
+    fit_targets: np.ndarray
+    model: Any
+    result: Any  # sdi_torch.train.TrainResult
+
+
+def train_task_model(settings: RunSettings, out_dir: Path | None = None) -> TrainedTask:
+    """Build the task's split and train the run's looped GPT on it (what ``sdi run`` trains, and
+    ``benchmarks/tasks.py`` measures); checkpoints go to ``out_dir`` (None: none are written)."""
     import torch
 
-    import sdi_torch
-    from sdi_torch.models import LoopedGPT, per_example_loss
-    from sdi_torch.train import TrainConfig, evaluate, train
+    from sdi_torch.models import LoopedGPT
+    from sdi_torch.train import TrainConfig, train
 
-    from . import Exact, TensorSketch, influence
-    from .error_bars import influence_with_error_bars
     from .reference.looped_transformer import LoopedConfig
-    from .report import ExactComparison, Extrapolation, ReportData, TrainingCurve, compare_sketch_exact, write_report
     from .tasks import get_task
 
     s = settings
-    out = Path(s.out)
-    timings: dict[str, float] = {}
-    cpu: dict[str, float] = {}
-    clock = _Clock()
     task = get_task(s.task, **s.task_options)
     train_set, test_set = task.splits(s.train_size, s.test_size, seed=s.seed)
     config = LoopedConfig(
@@ -360,8 +366,31 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         eval_every=max(1, s.train_steps // 10), seed=s.seed, warmup=min(100, max(1, s.train_steps // 10)),
     )
     fit_targets = training_targets(task, train_set) if s.aux_targets else train_set.targets
-    result = train(model, {"tokens": train_set.tokens, "targets": fit_targets}, tcfg, out_dir=out / "checkpoints",
+    result = train(model, {"tokens": train_set.tokens, "targets": fit_targets}, tcfg, out_dir=out_dir,
                    eval_data=test_set, task=task, progress=not s.quiet)
+    return TrainedTask(task, train_set, test_set, fit_targets, model, result)
+
+
+def _pipeline(settings: RunSettings) -> RunOutcome:
+    import torch
+
+    import sdi_torch
+    from sdi_torch.models import per_example_loss
+    from sdi_torch.train import evaluate
+
+    from . import Exact, TensorSketch, influence
+    from .error_bars import influence_with_error_bars
+    from .report import ExactComparison, Extrapolation, ReportData, TrainingCurve, compare_sketch_exact, write_report
+
+    s = settings
+    out = Path(s.out)
+    timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    clock = _Clock()
+    trained = train_task_model(s, out_dir=out / "checkpoints")
+    task, train_set, test_set, model, result = (trained.task, trained.train_set, trained.test_set, trained.model,
+                                                trained.result)
+    config, fit_targets = model.config, trained.fit_targets
     timings["train"], cpu["train"] = clock.lap()
     test_acc = result.final_accuracy
     _log(s, f"[sdi] test accuracy {test_acc:.3f} ({timings['train']:.1f} s)")
