@@ -122,8 +122,11 @@ def write_validation_report(out: str | Path, vres: ValidationResult, mis: Mislab
             doc.p("Queries: " + "; ".join(f"`{query_text[j]}`" for j in cf.queries if j < len(query_text)))
     if mis is not None:
         doc.h(2, "Mislabel detection")
-        doc.p(f"{mis.n_flipped} training answers flipped; ranked by self-influence: AUC {mis.auc:.3f}, "
-              f"{mis.found_at:.0%} of the flips in the top {mis.inspect:.0%}.")
+        extra = summary.get("mislabel", {}).get("auc_training_loss")
+        doc.p(f"{mis.n_flipped} training answers flipped, a model trained on them, its training set ranked by "
+              f"self-influence T(i, i) of the answer loss: AUC {mis.auc:.3f}, {mis.found_at:.0%} of the flips in the "
+              f"top {mis.inspect:.0%}." + ("" if extra is None else f" Ranked by the self-influence of the training "
+              f"loss (answer plus auxiliary targets): AUC {extra:.3f}."))
         doc.img(files["mislabel"].name, "Fraction of flipped labels found against the fraction inspected")
     doc.h(2, "What the numbers depend on")
     for line in vres.shortcuts:

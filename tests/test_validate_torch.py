@@ -70,7 +70,7 @@ def test_validate_quick_end_to_end_writes_its_figures(tmp_path, capsys):
     out = tmp_path / "val"
     assert main(["validate", "--quick", "--quiet", "--out", str(out), "--workers", "1"]) == 0
     text = capsys.readouterr().out
-    assert "LDS tracin" in text and "mislabel detection: AUC" in text
+    assert "LDS tracin" in text and "mislabel detection (self-influence of the answer loss): AUC" in text
     for name in VALIDATION_FIGURES.values():
         assert (out / name).stat().st_size > 5000, name
     summary = json.loads((out / "validation.json").read_text())
