@@ -25,8 +25,9 @@ VALIDATION_FIGURES = {
 
 _COLORS = {"sdi": "tab:blue", "tracin": "tab:orange", "random": "tab:gray", "last_checkpoint": "tab:green",
            "sdi_step_sum": "tab:blue"}
-_NAMES = {"sdi": "top-k by I(., j, t) (step t)", "tracin": "top-k by TracIn", "random": "k random",
-          "sdi_step_sum": "SDI summed over steps", "last_checkpoint": "last-checkpoint gradient dot"}
+_NAMES = {"sdi": "top-k by I(., j, t) (step t)", "tracin": "top-k by TracIn", "random": "k random"}
+_LDS_NAMES = {"tracin": "TracIn", "sdi_step_sum": "SDI summed over steps (= TracIn)",
+              "last_checkpoint": "last-checkpoint gradient dot product"}
 
 
 def _plot_lds(vres: ValidationResult, path: Path) -> Path:
@@ -40,7 +41,8 @@ def _plot_lds(vres: ValidationResult, path: Path) -> Path:
         ax.scatter(r.predicted[:, j], -r.actual[:, j], s=18, color=_COLORS[m])
         ax.set_xlabel("predicted: sum of scores over the subset")
         ax.set_ylabel("actual: -loss of the retrained model")
-        ax.set_title(f"{_NAMES[m]}\nLDS {r.mean:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]; query {j} "
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        ax.set_title(f"{_LDS_NAMES[m]}\nLDS {r.mean:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]; query {j} "
                      f"(rho {r.per_query[j]:+.2f})", fontsize=9)
         ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -74,7 +76,7 @@ def _plot_mislabel(mis: MislabelResult, path: Path) -> Path:
     ax.plot(mis.curve[:, 0], mis.curve[:, 1], color="tab:red", label=f"self-influence (AUC {mis.auc:.3f})")
     ax.plot([0, 1], [0, 1], color="tab:gray", ls="--", label="random order")
     ax.axvline(mis.inspect, color="k", lw=0.6, ls=":")
-    ax.set_xlabel("fraction of the training set inspected (highest self-influence first)")
+    ax.set_xlabel("fraction of training set inspected\n(highest self-influence first)")
     ax.set_ylabel("fraction of flipped labels found")
     ax.set_title(f"{mis.n_flipped} flipped labels; {mis.found_at:.0%} found in the top {mis.inspect:.0%}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
@@ -101,7 +103,7 @@ def write_validation_report(out: str | Path, vres: ValidationResult, mis: Mislab
               f"loop step: {acc}.")
     doc.h(2, "Linear datamodeling score")
     doc.table(["attribution", "LDS (mean Spearman over queries)", "95% bootstrap interval"],
-              [[_NAMES.get(m, m), f"{r.mean:+.3f}", f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"]
+              [[_LDS_NAMES.get(m, m), f"{r.mean:+.3f}", f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"]
                for m, r in vres.lds.items()])
     doc.img(files["lds"].name, "Predicted subset sum against the retrained model's -loss, one query per panel")
     cf = vres.counterfactual
