@@ -14,7 +14,7 @@ import sys
 from .factors import SDIError
 
 # Modules providing subcommands, in the order `sdi --help` lists them.
-COMMAND_MODULES: list[str] = ["sdi_core.cli_demo", "sdi_core.cli_store"]
+COMMAND_MODULES: list[str] = ["sdi_core.cli_demo", "sdi_core.cli_validate", "sdi_core.cli_store"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -149,7 +149,11 @@ class ReportData:
     """Everything the report shows (NumPy arrays and strings only).
 
     Attributes:
-        trajectory: ``[N_train, N_query, S]`` query-step trajectory ``I(i, j, t)``.
+        trajectory: ``[N_train, N_query, S]`` query-step trajectory ``I(i, j, t)``
+            (with several sketch seeds: their mean).
+        trajectory_se: ``[N_train, N_query, S]`` its standard error over
+            independent sketch seeds (:mod:`sdi_core.error_bars`), drawn as
+            +-2 SE bands; None for a single sketch.
         slot_labels: ``S`` labels (``Features.slot_labels()``: ``"prelude"``,
             ``"loop[0]"``, ..., ``"coda"``).
         train_text, query_text: the examples as the task's own text
@@ -186,11 +190,17 @@ class ReportData:
     training: TrainingCurve | None = None
     summary: Mapping[str, Any] = field(default_factory=dict)
     title: str = "Step-Decomposed Influence report"
+    trajectory_se: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.trajectory = np.asarray(self.trajectory, dtype=np.float64)
         if self.trajectory.ndim != 3:
             raise SDIError(f"ReportData.trajectory must be [N_train, N_query, S], got shape {self.trajectory.shape}.")
+        if self.trajectory_se is not None:
+            self.trajectory_se = np.asarray(self.trajectory_se, dtype=np.float64)
+            if self.trajectory_se.shape != self.trajectory.shape:
+                raise SDIError(f"ReportData.trajectory_se has shape {self.trajectory_se.shape}, expected the "
+                               f"trajectory's {self.trajectory.shape}.")
         n_tr, n_q, s = self.trajectory.shape
         self.slot_labels = list(self.slot_labels)
         if len(self.slot_labels) != s:
@@ -489,10 +499,14 @@ def _plot_query(data: ReportData, j: int, path: Path, n_each: int = 5) -> Path:
         color = f"C{r % 10}"
         ax_l.plot(x, vals[r], "-" if r < n_pro else "--", color=color, marker="o", ms=3, lw=1.3,
                   label=_short(_label_of(data, i), 24))
+        if data.trajectory_se is not None:
+            band = 2.0 * data.trajectory_se[i, j, :]
+            ax_l.fill_between(x, vals[r] - band, vals[r] + band, color=color, alpha=0.15, lw=0)
     ax_l.axhline(0, color="0.6", lw=0.8)
     _slot_axis(ax_l, labels)
     ax_l.set_ylabel("influence I(i, j, t)")
-    ax_l.set_title("Trajectories (solid: proponents, dashed: opponents)", fontsize=10)
+    bands = "" if data.trajectory_se is None else "; bands: +-2 SE over sketch seeds"
+    ax_l.set_title(f"Trajectories (solid: proponents, dashed: opponents{bands})", fontsize=10)
     ax_l.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     q = data.query_pred_text[j] if data.query_pred_text is not None else data.query_text[j]
     status = ""

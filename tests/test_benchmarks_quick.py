@@ -29,6 +29,7 @@ SCRIPTS = {
     "bench_scoring.py": ["--out-dir", "{out}"],
     "bench_jax_featurize.py": ["--out-dir", "{out}"],
     "gpu_check.py": ["--out-dir", "{out}"],
+    "tasks.py": ["--out-dir", "{out}", "--tasks", "parity", "sudoku", "--seeds", "0"],
 }
 TESTED_ELSEWHERE = {
     "bench_routes.py": "tests/test_bench_routes.py",
@@ -176,6 +177,16 @@ def test_gpu_check_quick_runs_on_whatever_torch_has(tmp_path):
     assert "torch" in res["scored_on"]["namespace"], res["scored_on"]
     assert res["gpu_result"] == res["scored_on"]["device"].startswith("cuda"), res
     assert res["throughput_vs_bare_matmul"]["paired_median"] > 0 and "valid" in res
+
+
+def test_tasks_quick_trains_each_preset_and_records_accuracy_time_and_load(tmp_path):
+    proc = run_quick("tasks.py", tmp_path)
+    res = load(tmp_path, "tasks_quick.json")
+    assert set(res["summary"]) == {"parity", "sudoku"}, res["summary"]
+    for r in res["runs"]:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds_wall"] > 0 and "load_before" in r, r
+        assert r["evals"][-1][0] == r["train_steps"], r["evals"]
+    assert "test accuracy" in proc.stdout
 
 
 def test_load_record_marks_loaded_machines_invalid():

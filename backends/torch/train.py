@@ -182,11 +182,13 @@ def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
 
 
 def _as_batch(data: Any, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """TaskData or a mapping with ``tokens``/``targets`` (and optional ``n_steps``) -> dict of tensors."""
+    """TaskData or a mapping with ``tokens``/``targets`` (optional ``n_steps``, ``example_weight``) -> tensors."""
+    weight = None
     if hasattr(data, "tokens") and hasattr(data, "targets"):
         arrays = {"tokens": data.tokens, "targets": data.targets}
     elif isinstance(data, Mapping) and "tokens" in data and "targets" in data:
         arrays = {k: data[k] for k in ("tokens", "targets", "n_steps") if k in data}
+        weight = data.get("example_weight")
     else:
         raise SDIError(
             f"train data must be sdi_core.tasks.TaskData or a dict with 'tokens' and 'targets' "
@@ -205,6 +207,14 @@ def _as_batch(data: Any, device: torch.device | None = None) -> dict[str, torch.
         )
     if out["tokens"].shape[0] == 0:
         raise SDIError("train data is empty: pass at least one example.")
+    if weight is not None:
+        w = torch.as_tensor(np.asarray(weight, dtype=np.float64), device=device)
+        if w.shape != out["tokens"].shape[:1] or not bool(torch.all(torch.isfinite(w) & (w >= 0))):
+            raise SDIError(f"train data 'example_weight' must be [N] = [{out['tokens'].shape[0]}] finite "
+                           f"non-negative numbers, got shape {tuple(w.shape)}.")
+        if not bool(w.any()):
+            raise SDIError("train data 'example_weight' is zero everywhere: nothing would be trained on.")
+        out["example_weight"] = w
     return out
 
 
@@ -320,6 +330,7 @@ def train(
     progress: bool = True,
     checkpoint_prefix: str = "ckpt",
     on_eval: Callable[[int, float, float], None] | None = None,
+    start_step: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` and save checkpoints.
 
@@ -327,7 +338,9 @@ def train(
         model: a ``torch.nn.Module`` (typically :class:`sdi_torch.models.LoopedGPT`),
             trained in its current dtype and device.
         data: the training set: :class:`sdi_core.tasks.TaskData` or a dict of
-            ``tokens``/``targets`` int arrays ``[N, T]`` (optional ``n_steps [N]``).
+            ``tokens``/``targets`` int arrays ``[N, T]`` (optional ``n_steps [N]``, and
+            ``example_weight [N]``: each example's loss is multiplied by it, so weight 0
+            leaves an example out while keeping the batch order of the full run).
         config: :class:`TrainConfig` (defaults if None).
         out_dir: folder for the checkpoint files ``{prefix}_{step:06d}.pt``;
             None keeps no files (``result.checkpoints`` is then empty).
@@ -339,6 +352,11 @@ def train(
         progress: show a tqdm progress bar.
         checkpoint_prefix: file name prefix of the checkpoints.
         on_eval: called as ``on_eval(step, loss, accuracy)`` after each evaluation.
+        start_step: the step ``model``'s weights were taken after (0: a fresh
+            model).  Training resumes at ``start_step + 1`` with the learning
+            rate and batch order an uninterrupted run of ``config`` would have
+            there (fresh optimiser moments); ``losses``/``lrs`` stay zero for
+            the skipped steps.
 
     Returns:
         :class:`TrainResult` (checkpoints, per-step losses and learning rates,
@@ -381,24 +399,40 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, desc="training", unit="step", leave=False, dynamic_ncols=True)
+    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < config.steps:
+        raise SDIError(f"train(start_step={start_step!r}): must be an integer in [0, steps={config.steps}).")
+
+    def next_batch():
+        # Each epoch visits every example once, in a fresh order; a batch may span two epochs.
+        nonlocal order, cursor
+        take, got = [], 0
+        while got < want:
+            if cursor == n:
+                order, cursor = rng.permutation(n), 0
+            m = min(want - got, n - cursor)
+            take.append(order[cursor : cursor + m])
+            cursor, got = cursor + m, got + m
+        return np.concatenate(take)
+
+    for _ in range(start_step):  # the batches an uninterrupted run would have drawn before resuming
+        next_batch()
+    if bar is not None and start_step:
+        bar.update(start_step)
     t0 = time.perf_counter()
     model.train()
     try:
-        for step in range(1, config.steps + 1):
-            # Each epoch visits every example once, in a fresh order; a batch may span two epochs.
-            take, got = [], 0
-            while got < want:
-                if cursor == n:
-                    order, cursor = rng.permutation(n), 0
-                m = min(want - got, n - cursor)
-                take.append(order[cursor : cursor + m])
-                cursor, got = cursor + m, got + m
-            idx = torch.as_tensor(np.concatenate(take), device=device)
+        for step in range(start_step + 1, config.steps + 1):
+            idx = torch.as_tensor(next_batch(), device=device)
             batch = {k: v[idx] for k, v in batch_all.items()}
             lr = learning_rate(step, config)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = loss_fn(model, batch).mean()
+            losses_b = loss_fn(model, batch)
+            if "example_weight" in batch:
+                # Weighted examples keep the batch order and size of the unweighted run: an example of
+                # weight 0 is left out of the gradient and nothing else changes (leave-k-out retraining).
+                losses_b = losses_b * batch["example_weight"].to(losses_b.dtype)
+            loss = losses_b.mean()
             if not torch.isfinite(loss):
                 raise SDIError(
                     f"train: the loss became {float(loss.detach())} at step {step}; lower the learning rate "
