@@ -96,7 +96,7 @@ def test_opening_validates_metadata(tmp_path):
         with open(meta_path, "w") as fh:
             json.dump(m, fh)
         try:
-            FeatureStore(st.path)
+            FeatureStore(st.path, verify=False)  # an edited meta.json fails its checksum first (tested below)
         finally:
             with open(meta_path, "w") as fh:
                 json.dump(meta, fh)
@@ -112,6 +112,10 @@ def test_opening_validates_metadata(tmp_path):
     with pytest.raises(SDIError, match="eta"):
         reopen_with(checkpoints=[dict(meta["checkpoints"][0], eta=-1.0), meta["checkpoints"][1]])
     FeatureStore(st.path)  # restored
+    with open(meta_path, "w") as fh:
+        json.dump(dict(meta, split="edited"), fh)
+    with pytest.raises(SDIError, match="meta.json' fails its checksum"):
+        FeatureStore(st.path)
 
 
 def test_missing_or_damaged_files_are_reported(tmp_path):
@@ -125,11 +129,14 @@ def test_missing_or_damaged_files_are_reported(tmp_path):
     data = bytearray(open(arr, "rb").read())
     data[-3] ^= 0xFF  # flip bits of one stored number: same size, different content
     open(arr, "wb").write(bytes(data))
-    FeatureStore(st.path)  # sizes are fine: opening stays cheap
+    damaged = FeatureStore(st.path)  # sizes are fine: opening stays cheap
+    with pytest.raises(SDIError, match="shard 0: ckpt1.loop.npy fails its CRC-32 check"):
+        list(damaged.iter_blocks(2))
     with pytest.raises(SDIError, match="CRC-32"):
-        FeatureStore(st.path, verify=True)
+        FeatureStore(st.path).as_features()
     with pytest.raises(SDIError, match="CRC-32"):
         st.verify()
+    FeatureStore(st.path, verify=False).as_features()  # the opt-out reads what is there
     open(arr, "wb").write(bytes(data[:-8]))
     with pytest.raises(SDIError, match="bytes but .* were committed"):
         FeatureStore(st.path)
@@ -263,7 +270,7 @@ def test_half_written_shards_are_never_read(tmp_path, monkeypatch):
         return real_write(path, parts, dtype, shape)
 
     monkeypatch.setattr(store_mod, "_write_npy", dying_write)
-    with pytest.raises(OSError, match="simulated crash while writing"):
+    with pytest.raises(SDIError, match="shard 2: simulated crash while writing"):
         _run(tmp_path / "s", BatchFeaturizer(SIZES), consolidate=False)
     monkeypatch.setattr(store_mod, "_write_npy", real_write)
     assert [s.index for s in open_store(tmp_path / "s", partial=True).segments] == [0, 1]
@@ -277,7 +284,7 @@ def test_half_written_shards_are_never_read(tmp_path, monkeypatch):
         return real_atomic(root, dest, data)
 
     monkeypatch.setattr(store_mod, "_atomic_write", dying_marker)
-    with pytest.raises(OSError, match="simulated crash before commit"):
+    with pytest.raises(SDIError, match="simulated crash before commit"):
         _run(tmp_path / "s", BatchFeaturizer(SIZES), consolidate=False)
     monkeypatch.setattr(store_mod, "_atomic_write", real_atomic)
     assert os.path.isdir(tmp_path / "s" / "shards" / "000002"), "the uncommitted shard folder is in place"
@@ -356,13 +363,16 @@ def test_resume_with_other_settings_names_the_field(tmp_path):
         _run(tmp_path / "s", BatchFeaturizer(SIZES, plan=make_plan(seed=7)))
     with pytest.raises(SDIError, match="step counts differ"):
         _run(tmp_path / "s", BatchFeaturizer(SIZES, tau=4))
-    with pytest.raises(SDIError, match="saw 4 shards but an earlier run .* saw"):
-        fz = BatchFeaturizer(SIZES)
-        featurize_to_store(tmp_path / "s", fz, list(range(len(SIZES))), shard_size=2, dtype="float64")
-        featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(3)), shard_size=2, dtype="float64",
-                           consolidate=False)
+    fz = BatchFeaturizer(SIZES)
+    featurize_to_store(tmp_path / "s", fz, list(range(len(SIZES))), shard_size=2, dtype="float64")
+    featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(3)), shard_size=2, dtype="float64",
+                       consolidate=False)
+    with pytest.raises(SDIError, match=r"shard 1 \(batches 2..3\) was featurised from other inputs"):
         featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(7)), shard_size=2, dtype="float64",
                            consolidate=False)
+    with pytest.raises(SDIError, match="saw 4 shards but an earlier run .* saw 2"):
+        featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(7)), shard_size=2, dtype="float64",
+                           consolidate=False, fingerprint=None)
 
 
 def test_featurize_to_store_argument_errors(tmp_path):
