@@ -62,7 +62,6 @@ import errno
 import hashlib
 import json
 import math
-import mmap
 import os
 import re
 import secrets
@@ -289,6 +288,12 @@ def _read_buffer() -> memoryview:
     return buf
 
 
+def _pread_into(fd: int, dest: memoryview, offset: int) -> int:  # pragma: no cover - platforms without preadv
+    data = os.pread(fd, dest.nbytes, offset)
+    dest[: len(data)] = data
+    return len(data)
+
+
 def _range_crc(path: str, lo: int, hi: int) -> int:
     """CRC-32 of bytes ``[lo, hi)`` of ``path``, read (not mapped) through one reused 1 MiB buffer.
 
@@ -303,12 +308,8 @@ def _range_crc(path: str, lo: int, hi: int) -> int:
         pos = lo
         while pos < hi:
             want = min(hi - pos, len(buf))
-            if hasattr(os, "preadv"):
-                got = os.preadv(fd, [buf[:want]], pos)
-                data = buf[:got]
-            else:  # pragma: no cover - platforms without preadv
-                data = os.pread(fd, want, pos)
-                got = len(data)
+            got = os.preadv(fd, [buf[:want]], pos) if hasattr(os, "preadv") else _pread_into(fd, buf[:want], pos)
+            data = buf[:got]
             if got == 0:
                 raise OSError(errno.EIO, "file ended early", path)
             crc = zlib.crc32(data, crc)
@@ -630,6 +631,37 @@ class _File:
             if not self.verified[c]:
                 self._check(c)
 
+    def read_rows(self, a: int, b: int, out: np.ndarray) -> None:
+        """Read rows ``[a, b)`` into ``out`` (C-contiguous, ``b - a`` rows), checking the chunks they span.
+
+        Chunks that lie inside the rows are checked on the bytes just read;
+        the (at most two) partial chunks at the ends are read once more for
+        their check, through the 1 MiB verification buffer.
+        """
+        lo, hi = self.offset + a * self.row_bytes, self.offset + b * self.row_bytes
+        dest = memoryview(out).cast("B")
+        if dest.nbytes != hi - lo:
+            raise SDIError(f"read_rows: {dest.nbytes} bytes of room for {hi - lo} bytes of rows {a}..{b}.")
+        with io_errors(f"Reading feature store {self.store!r}, {self.what}", self.path):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                pos = 0
+                while pos < hi - lo:
+                    got = os.preadv(fd, [dest[pos:]], lo + pos) if hasattr(os, "preadv") else _pread_into(fd, dest[pos:], lo + pos)
+                    if got == 0:
+                        raise OSError(errno.EIO, "file ended early", self.path)
+                    pos += got
+            finally:
+                os.close(fd)
+            if not self.verify or b <= a:
+                return
+            for c in range(lo // self.chunk_bytes, (hi - 1) // self.chunk_bytes + 1):
+                if self.verified[c]:
+                    continue
+                c0, c1 = c * self.chunk_bytes, min(self.size, (c + 1) * self.chunk_bytes)
+                crc = zlib.crc32(dest[c0 - lo : c1 - lo]) if lo <= c0 and c1 <= hi else _range_crc(self.path, c0, c1)
+                self._compare(c, crc)
+
     def ensure_all(self) -> None:
         if self.verify:
             for c in range(len(self.chunks)):
@@ -640,6 +672,10 @@ class _File:
         lo, hi = c * self.chunk_bytes, min(self.size, (c + 1) * self.chunk_bytes)
         with io_errors(f"Reading feature store {self.store!r}, {self.what}", self.path):
             crc = _range_crc(self.path, lo, hi)
+        self._compare(c, crc)
+
+    def _compare(self, c: int, crc: int) -> None:
+        lo, hi = c * self.chunk_bytes, min(self.size, (c + 1) * self.chunk_bytes)
         if crc != self.chunks[c]:
             rows = (max(0, lo - self.offset) // self.row_bytes, -(-(hi - self.offset) // self.row_bytes))
             raise SDIError(
@@ -908,7 +944,7 @@ class FeatureStore:
         A store of several shards must be consolidated first
         (:meth:`consolidate`), or read into memory with ``in_memory=True``.
         When the store verifies its reads, every file is checked first (one
-        pass over the store).
+        pass over the store; ``in_memory`` checks the bytes as it reads them).
         """
         if not self.segments:
             raise SDIError(f"Feature store {self.path!r} holds no rows yet.")
@@ -918,19 +954,13 @@ class FeatureStore:
                 "Call store.consolidate() once (it merges them on disk), pass in_memory=True to load them, "
                 "or score it with sdi_core.scoring.score_store, which streams shard by shard."
             )
-        for seg in self.segments:
+        if in_memory:
+            data, ids = self._read(0, self.n_examples), self.example_ids
+        else:
+            seg = self.segments[0]
             for f in seg.all_files():
                 f.ensure_all()
-        if len(self.segments) == 1 and not in_memory:
-            seg = self.segments[0]
-            data = [dict(block) for block in seg.arrays]
-            ids = seg.ids
-        else:
-            data = [
-                {g.name: np.concatenate([np.asarray(s.arrays[k][g.name]) for s in self.segments]) for g in self.layout.groups}
-                for k in range(len(self.checkpoints))
-            ]
-            ids = self.example_ids
+            data, ids = [dict(block) for block in seg.arrays], seg.ids
         return Features(
             data=data,
             layout=self.layout,
@@ -942,56 +972,39 @@ class FeatureStore:
         )
 
     def iter_blocks(
-        self, block_rows: int, start: int = 0, stop: int | None = None, *, release: bool = True
+        self, block_rows: int, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[int, int, list[dict[str, np.ndarray]]]]:
         """Yield ``(row_start, row_stop, [ {group: [n, S, D]} per checkpoint ])`` over rows ``[start, stop)``.
 
         Blocks are ``block_rows`` rows from ``start`` on (the last may be
         shorter), whatever the shard sizes, so that a block's boundaries do
-        not depend on how the store was written.  A block within one shard is
-        a read-only view of its memory maps (no copy); a block across shards
-        is gathered into one array (a copy).  With verification on, the
-        chunks a block spans are checked before it is yielded.
-
-        With ``release`` (default), once the consumer asks for the next block
-        the pages of the previous one are unmapped from this process
-        (``madvise(MADV_DONTNEED)``; they stay in the page cache), so reading
-        a store larger than memory does not grow the resident set.  Do not
-        keep views of a block after requesting the next one.
+        not depend on how the store was written.  Each block is read (not
+        mapped) into fresh arrays: a streamed pass holds exactly the blocks
+        its consumer keeps, a failing disk raises an :class:`SDIError`
+        instead of a ``SIGBUS``, and with verification on every chunk is
+        checked on the bytes read before the block is yielded.
         """
         stop = self.n_examples if stop is None else min(stop, self.n_examples)
         if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows <= 0:
             raise SDIError(f"iter_blocks(block_rows={block_rows!r}): must be a positive int.")
-        groups = [g.name for g in self.layout.groups]
-        stops = [seg.stop for seg in self.segments]
         for lo in range(start, stop, int(block_rows)):
             hi = min(stop, lo + int(block_rows))
-            pieces = []
-            for seg in self.segments[bisect.bisect_right(stops, lo):]:
-                if seg.start >= hi:
-                    break
-                pieces.append((seg, max(lo, seg.start) - seg.start, min(hi, seg.stop) - seg.start))
-            for seg, a, b in pieces:
-                for blk in seg.files:
-                    for f in blk.values():
-                        f.ensure_rows(a, b)
-            views = [[{g: blk[g][a:b] for g in groups} for blk in seg.arrays] for seg, a, b in pieces]
-            if len(views) == 1:
-                yield lo, hi, views[0]
-            else:
-                yield lo, hi, [{g: np.concatenate([v[k][g] for v in views]) for g in groups}
-                               for k in range(len(self.checkpoints))]
-            if release:
-                self.release(pieces)
+            yield lo, hi, self._read(lo, hi)
 
-    def release(self, pieces=None) -> None:
-        """Unmap the pages of ``pieces`` (``(segment, row_a, row_b)``), or of the whole store, from this process."""
-        if pieces is None:
-            pieces = [(seg, 0, seg.rows) for seg in self.segments]
-        for seg, a, b in pieces:
-            for blk in seg.arrays:
-                for arr in blk.values():
-                    _release_rows(arr, a, b)
+    def _read(self, lo: int, hi: int) -> list[dict[str, np.ndarray]]:
+        """Rows ``[lo, hi)`` of every checkpoint and group, read into new arrays."""
+        out = [{g.name: np.empty((hi - lo, 1 if self.summed else self.steps[g.name], g.width), dtype=self.dtype)
+                for g in self.layout.groups} for _ in self.checkpoints]
+        stops = [seg.stop for seg in self.segments]
+        for seg in self.segments[bisect.bisect_right(stops, lo):]:
+            if seg.start >= hi:
+                break
+            a, b = max(lo, seg.start) - seg.start, min(hi, seg.stop) - seg.start
+            at = seg.start + a - lo
+            for k, blk in enumerate(seg.files):
+                for g, f in blk.items():
+                    f.read_rows(a, b, out[k][g][at : at + b - a])
+        return out
 
     # ------------------------------------------------------------------ checks
     def check_compatible(self, other, what: str | None = None) -> dict:
@@ -1065,31 +1078,6 @@ class FeatureStore:
             f"sketch={dict(self.layout.sketch)}, {self.dtype}{', summed' if self.summed else ''}, "
             f"{len(self.segments)} segment(s))"
         )
-
-
-def _release_rows(arr: np.ndarray, row_start: int, row_stop: int) -> None:
-    """Unmap the whole pages holding rows ``[row_start, row_stop)`` of a memory map (no-op elsewhere).
-
-    The pages stay in the page cache and fault back in when read again; the
-    point is that a streamed pass over a large store does not keep every page
-    it touched in this process's resident set.
-    """
-    mm = getattr(arr, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
-    # np.memmap maps from an allocation-granularity boundary at or before its offset.
-    base = int(arr.offset) % mmap.ALLOCATIONGRANULARITY
-    page = mmap.PAGESIZE
-    lo = base + row_start * row_bytes
-    hi = base + row_stop * row_bytes
-    lo = -(-lo // page) * page
-    hi = (hi // page) * page
-    if hi > lo:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        except (OSError, ValueError):
-            pass
 
 
 def open_store(path: str | os.PathLike, *, partial: bool = False, verify: bool = True) -> FeatureStore:
