@@ -46,6 +46,7 @@ from .store import FeatureStore
 __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_BLOCK_ROWS",
+    "RSS_CONSTANT",
     "DENSE_KINDS",
     "BlockPlan",
     "StreamedScores",
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 DEFAULT_BUDGET = 1 << 30
+# What a scoring run may add to the peak resident set beyond its budget: BLAS's work buffers, the store's
+# 1 MiB verification buffer, interpreter objects (measured on Linux: 1-5 MiB; tests/test_store_budget.py).
+RSS_CONSTANT = 8 << 20
 DENSE_KINDS = ("trajectory", "tracin", "train_trajectory", "step_matrix")
 _MERGE_BYTES_MAX = 64 << 20  # scratch memory of the top-k merge
 _PRIME_COLUMNS = 1024  # train rows used to set the first top-k thresholds exactly
@@ -708,9 +712,14 @@ def score_store(
             not NumPy).
         k: how many train examples to keep per query (clipped to the rows
             scored); None or 0 for no top-k.
-        budget: bytes (or ``"2GiB"``) that the prepared query, the working
-            blocks and their tiles (on the computation device) and the dense
-            outputs (on the host) may occupy together.
+        budget: bytes (or ``"2GiB"``) that everything scoring allocates may
+            occupy together: the query as read from a store, its preparation
+            and its temporaries, the working block as read, its casts and
+            sums, the tiles, the top-k state and scratch (on the computation
+            device) and the dense outputs (on the host).  On the CPU the peak
+            resident set grows by at most ``budget + RSS_CONSTANT`` (8 MiB);
+            a budget that cannot hold the query side and one train row is
+            refused.
         slots: keep the top-k per query *slot* (``I(i, j, t)`` for each ``t``).
         total: keep the top-k per query by TracIn (``sum_t I(i, j, t)``).
         dense: any of ``"trajectory"`` ``[N, Nq, Sq]``, ``"tracin"`` ``[N, Nq]``,
