@@ -431,6 +431,8 @@ def run_score(args: argparse.Namespace) -> int:
         raise SDIError("--dense writes arrays: give --out FILE.npz as well.")
     if args.k < 0:
         raise SDIError(f"--k must be >= 0, got {args.k}.")
+    if args.max_queries < 0:
+        raise SDIError(f"--max-queries must be >= 0, got {args.max_queries}.")
     query = FeatureStore(args.query, verify=verify)
     kw = dict(k=args.k, budget=budget, slots=not args.no_slots, total=not args.no_total, dense=dense,
               normalize=args.normalize, largest=not args.smallest, block_rows=args.block_rows, progress=args.progress)

@@ -17,7 +17,8 @@ import sdi_core
 from sdi_core import CheckpointInfo, Features, SDIError
 from sdi_core import store as store_mod
 from sdi_core.store import FeatureStore, featurize_to_store, finalize_store, open_store, write_features
-from test_store_helpers import CHECKPOINTS, PARAMS, BatchFeaturizer, assert_same_tree, make_features, make_plan, tree_bytes
+from test_store_helpers import (CHECKPOINTS, PARAMS, ArrayFeaturizer, BatchFeaturizer, array_batches, assert_same_tree,
+                                make_features, make_plan, tree_bytes)
 
 from conftest import to_xp
 
@@ -236,6 +237,55 @@ def test_rerun_of_a_finished_store_does_nothing(tmp_path):
     assert tree_bytes(tmp_path / "s") == before
 
 
+def test_resume_after_an_injected_crash_with_other_batches_or_data_is_refused(tmp_path, monkeypatch):
+    _run_arrays(tmp_path / "clean", array_batches(N_ROWS, BATCH))
+    real = store_mod._write_shard
+
+    def dying(root, index, *args):
+        if index == 3:
+            raise RuntimeError("simulated crash before shard 3")
+        return real(root, index, *args)
+
+    monkeypatch.setattr(store_mod, "_write_shard", dying)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH))
+    monkeypatch.setattr(store_mod, "_write_shard", real)
+    _assert_resumes_refused_then_finishes(tmp_path / "s", tmp_path / "clean", 3)
+
+
+def test_rerun_of_a_finished_store_with_other_batches_or_data_is_refused(tmp_path):
+    _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH))
+    before = tree_bytes(tmp_path / "s")
+    with pytest.raises(SDIError, match=r"shard 0 .* other inputs"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH + 1))
+    with pytest.raises(SDIError, match=r"shard 0 .* other inputs"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH, seed=1))
+    with pytest.raises(SDIError, match="saw 7 shards but an earlier run .* saw 8"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH)[:-1])  # a prefix of the data
+    assert tree_bytes(tmp_path / "s") == before
+    again = ArrayFeaturizer()
+    featurize_to_store(tmp_path / "s", again, array_batches(N_ROWS, BATCH), shard_size=1, dtype="float64")
+    assert again.calls == 0 and tree_bytes(tmp_path / "s") == before, "the same run returns the store as it is"
+    replaced = _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH + 1), overwrite=True)
+    assert replaced.n_examples == N_ROWS
+    _run_arrays(tmp_path / "fresh", array_batches(N_ROWS, BATCH + 1))
+    assert_same_tree(tmp_path / "fresh", tmp_path / "s")
+
+
+def test_a_run_records_its_configuration_and_refuses_another(tmp_path):
+    base = {"backend": "numpy", "batch_size": 4, "sketch": {"dim": 32, "seed": 0}}
+    _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH), config=base)
+    assert open_store(tmp_path / "s").meta["run"] == base
+    other = {"backend": "torch", "batch_size": 4, "sketch": {"dim": 64, "seed": 0}, "tau": 3}
+    with pytest.raises(SDIError) as exc:
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH), config=other, summed=True)
+    msg = str(exc.value)
+    for field in ("run.backend: 'numpy' vs 'torch'", "run.sketch.dim: 32 vs 64", "run.tau: (absent) vs 3",
+                  "step-summed flag differs", "--overwrite"):
+        assert field in msg, f"{field!r} not named in: {msg}"
+    assert "run.batch_size" not in msg and "run.sketch.seed" not in msg, msg
+
+
 @pytest.mark.parametrize("consolidate", [True, False])
 def test_resume_after_a_raise_is_bit_identical(tmp_path, consolidate):
     clean = BatchFeaturizer(SIZES)
@@ -301,18 +351,42 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, sys.argv[2])
-    from test_store_helpers import BatchFeaturizer
+    from test_store_helpers import ArrayFeaturizer, array_batches
     from sdi_core.store import featurize_to_store
 
-    class Slow(BatchFeaturizer):
+    class Slow(ArrayFeaturizer):
         def __call__(self, batch_list):
             time.sleep(float(sys.argv[3]))
             return super().__call__(batch_list)
 
-    sizes = [5, 3, 4, 6, 2, 5, 4]
-    featurize_to_store(sys.argv[1], Slow(sizes), list(range(len(sizes))), shard_size=1, dtype="float64")
+    featurize_to_store(sys.argv[1], Slow(), array_batches(29, 4), shard_size=1, dtype="float64")
     """
 )
+N_ROWS, BATCH = 29, 4  # 8 batches of array inputs (the last one short)
+
+
+def _run_arrays(path, batches, **kw):
+    return featurize_to_store(path, ArrayFeaturizer(), batches, shard_size=kw.pop("shard_size", 1), dtype="float64",
+                              **kw)
+
+
+def _assert_resumes_refused_then_finishes(target, clean, committed: int) -> None:
+    """A resume with other batch boundaries or other data is refused; the true resume ends bit-identical."""
+    before = tree_bytes(target)
+    with pytest.raises(SDIError, match=r"shard 0 \(batches 0..0\) was featurised from other inputs"):
+        _run_arrays(target, array_batches(N_ROWS, BATCH + 1))
+    changed = array_batches(N_ROWS, BATCH)
+    changed[0] = {"x": changed[0]["x"] + 1e-9, "ids": changed[0]["ids"]}  # same size, other values
+    with pytest.raises(SDIError, match="from other inputs than this run's: the data"):
+        _run_arrays(target, changed)
+    after = tree_bytes(target)
+    assert {p: b for p, b in after.items() if ".sdi-lock" not in p} == {p: b for p, b in before.items()
+                                                                          if ".sdi-lock" not in p}, \
+        "a refused resume must leave the store as it was"
+    resumed = ArrayFeaturizer()
+    featurize_to_store(target, resumed, array_batches(N_ROWS, BATCH), shard_size=1, dtype="float64")
+    assert resumed.calls == -(-N_ROWS // BATCH) - committed, "only unfinished shards are featurised again"
+    assert_same_tree(clean, target)
 
 
 def _committed(path) -> int:
@@ -324,8 +398,7 @@ def _committed(path) -> int:
 
 @pytest.mark.parametrize("kill_after", [2, 4])
 def test_resume_after_killing_a_subprocess_is_bit_identical(tmp_path, kill_after):
-    clean = BatchFeaturizer(SIZES)
-    _run(tmp_path / "clean", clean, shard_size=1)
+    _run_arrays(tmp_path / "clean", array_batches(N_ROWS, BATCH))
     script = tmp_path / "featurize.py"
     script.write_text(_KILL_SCRIPT)
     target = tmp_path / "s"
@@ -343,11 +416,10 @@ def test_resume_after_killing_a_subprocess_is_bit_identical(tmp_path, kill_after
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     done = _committed(target)
-    assert kill_after <= done < len(SIZES), f"{done} shards committed when killed"
-    resumed = BatchFeaturizer(SIZES)
-    _run(target, resumed, shard_size=1)
-    assert len(resumed.seen) == len(SIZES) - done, "only unfinished shards are featurised again"
-    assert_same_tree(tmp_path / "clean", target)
+    n_shards = -(-N_ROWS // BATCH)
+    assert kill_after <= done < n_shards, f"{done} shards committed when killed"
+    assert os.path.exists(target / ".sdi-lock-0"), "the killed writer leaves its lock behind"
+    _assert_resumes_refused_then_finishes(target, tmp_path / "clean", done)  # the stale lock is taken over
 
 
 def test_resume_with_other_settings_names_the_field(tmp_path):
