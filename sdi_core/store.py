@@ -58,6 +58,7 @@ jax.  Framework glue for ``torchrun`` and ``jax.sharding`` lives in
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import hashlib
 import json
@@ -148,6 +149,18 @@ def _tmp_dir(root: str) -> str:
 
 def _tmp_name(root: str, stem: str) -> str:
     return os.path.join(_tmp_dir(root), f"{stem}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def _temporary_dir(root: str, stem: str) -> Iterator[str]:
+    """A fresh folder under ``.sdi-tmp`` for files to be renamed into place; removed if the block fails."""
+    tmp = _tmp_name(root, stem)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _canonical(obj: Any) -> bytes:
@@ -1043,21 +1056,20 @@ class FeatureStore:
             return FeatureStore(root, verify=self.verify_reads)
         full = FeatureStore(root, verify=self.verify_reads)  # refuses an incomplete store, with the reason
         markers = _committed_shards(root, verify=self.verify_reads, required=full._sealed)
-        tmp = _tmp_name(root, "data")
-        os.makedirs(tmp)
-        files = {}
-        for k in range(len(full.checkpoints)):
-            for g in full.layout.groups:
-                name = _array_name(k, g.name)
-                srcs = [s.files[k][g.name] for s in full.segments]
-                shape = (full.n_examples,) + tuple(srcs[0].array.shape[1:])
-                files[name] = _write_npy(os.path.join(tmp, name), [f.array for f in srcs], full.dtype, shape,
-                                         [f.ensure_rows for f in srcs])
-        if full.meta.get("example_ids"):
-            srcs = [s.ids_file for s in full.segments]
-            files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [f.array for f in srcs], np.int64, (full.n_examples,),
-                                     [f.ensure_rows for f in srcs])
-        _fsync_dir(tmp)
+        with _temporary_dir(root, "data") as tmp:
+            files = {}
+            for k in range(len(full.checkpoints)):
+                for g in full.layout.groups:
+                    name = _array_name(k, g.name)
+                    srcs = [s.files[k][g.name] for s in full.segments]
+                    shape = (full.n_examples,) + tuple(srcs[0].array.shape[1:])
+                    files[name] = _write_npy(os.path.join(tmp, name), [f.array for f in srcs], full.dtype, shape,
+                                             [f.ensure_rows for f in srcs])
+            if full.meta.get("example_ids"):
+                srcs = [s.ids_file for s in full.segments]
+                files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [f.array for f in srcs], np.int64,
+                                         (full.n_examples,), [f.ensure_rows for f in srcs])
+            _fsync_dir(tmp)
         dest = os.path.join(root, _DATA)
         if os.path.exists(dest):
             _remove_owned_dir(root, dest)  # left by a consolidation that died before its commit
@@ -1443,18 +1455,17 @@ def _prepare(features: Features, summed: bool, dtype: np.dtype, where: str) -> F
 
 def _write_shard(root: str, index: int, features: Features, dtype: np.dtype, inputs: str | None) -> dict:
     """Write one shard and commit it (see the module docstring for the protocol)."""
-    tmp = _tmp_name(root, f"shard-{_shard_name(index)}")
-    os.makedirs(tmp)
-    files = {}
-    for k, block in enumerate(features.data):
-        for g in features.layout.groups:
-            name = _array_name(k, g.name)
-            arr = block[g.name]
-            files[name] = _write_npy(os.path.join(tmp, name), [arr], dtype, tuple(arr.shape))
-    if features.example_ids is not None:
-        ids = features.example_ids.astype(np.int64)
-        files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [ids], np.int64, ids.shape)
-    _fsync_dir(tmp)
+    with _temporary_dir(root, f"shard-{_shard_name(index)}") as tmp:
+        files = {}
+        for k, block in enumerate(features.data):
+            for g in features.layout.groups:
+                name = _array_name(k, g.name)
+                arr = block[g.name]
+                files[name] = _write_npy(os.path.join(tmp, name), [arr], dtype, tuple(arr.shape))
+        if features.example_ids is not None:
+            ids = features.example_ids.astype(np.int64)
+            files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [ids], np.int64, ids.shape)
+        _fsync_dir(tmp)
     shards = os.path.join(root, _SHARDS)
     if not os.path.isdir(shards):
         os.makedirs(shards, exist_ok=True)
@@ -1837,22 +1848,21 @@ def combine_checkpoints(path: str | os.PathLike, sources: Sequence[FeatureStore 
         meta["shard_size"] = None
         meta["run"] = None
         meta["format_version"] = FORMAT_VERSION
-        tmp = _tmp_name(root, "data")
-        os.makedirs(tmp)
-        files, k_out = {}, 0
-        for st in stores:
-            for k in range(len(st.checkpoints)):
-                for g in st.layout.groups:
-                    srcs = [seg.files[k][g.name] for seg in st.segments]
-                    shape = (st.n_examples,) + tuple(srcs[0].array.shape[1:])
-                    name = _array_name(k_out, g.name)
-                    files[name] = _write_npy(os.path.join(tmp, name), [f.array for f in srcs], st.dtype, shape,
-                                             [f.ensure_rows for f in srcs])
-                k_out += 1
-        if first.meta.get("example_ids"):
-            ids = first.example_ids.astype(np.int64)
-            files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [ids], np.int64, ids.shape)
-        _fsync_dir(tmp)
+        with _temporary_dir(root, "data") as tmp:
+            files, k_out = {}, 0
+            for st in stores:
+                for k in range(len(st.checkpoints)):
+                    for g in st.layout.groups:
+                        srcs = [seg.files[k][g.name] for seg in st.segments]
+                        shape = (st.n_examples,) + tuple(srcs[0].array.shape[1:])
+                        name = _array_name(k_out, g.name)
+                        files[name] = _write_npy(os.path.join(tmp, name), [f.array for f in srcs], st.dtype, shape,
+                                                 [f.ensure_rows for f in srcs])
+                    k_out += 1
+            if first.meta.get("example_ids"):
+                ids = first.example_ids.astype(np.int64)
+                files[_IDS] = _write_npy(os.path.join(tmp, _IDS), [ids], np.int64, ids.shape)
+            _fsync_dir(tmp)
         _ensure_meta(root, meta)
         os.replace(tmp, os.path.join(root, _DATA))
         _fsync_dir(root)
