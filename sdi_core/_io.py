@@ -75,26 +75,39 @@ def _probe(folder: str, what: str) -> None:
         os.unlink(probe)
 
 
-def check_writable_dir(path: str | os.PathLike, option: str) -> str:
-    """Make sure ``path`` is (or can be created as) a folder this process can write; create it.
+def check_writable_dir(path: str | os.PathLike, option: str, *, create: bool = True) -> str:
+    """Make sure ``path`` is (or can be created as) a folder this process can write.
 
     Args:
         path: the output folder.
         option: how the user named it (``"--out"``), for the message.
+        create: create the folder (and prove it writable with a probe file);
+            otherwise a missing folder is checked through its nearest existing
+            parent, and nothing is created.
 
     Returns:
         the path as a string.
 
     Raises:
-        SDIError: when the path is a file, or the folder cannot be created or written.
+        SDIError: when the path (or a parent) is a file, or the folder cannot be created or written.
     """
     root = os.fspath(path)
     what = f"{option} {root!r}"
     if os.path.exists(root) and not os.path.isdir(root):
         raise SDIError(f"{what} is a file, not a folder; choose a folder path (a new one is created).")
-    with io_errors(f"{what}: cannot create the folder", root):
-        os.makedirs(root, exist_ok=True)
-    _probe(root, what)
+    if os.path.isdir(root) or create:
+        with io_errors(f"{what}: cannot create the folder", root):
+            os.makedirs(root, exist_ok=True)
+        _probe(root, what)
+        return root
+    parent = os.path.dirname(os.path.abspath(root))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SDIError(f"{what}: {parent!r} is a file, not a folder; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(parent).f_flag & os.ST_RDONLY else errno.EACCES
+        raise os_error(OSError(code, os.strerror(code), parent), f"{what}: cannot create the folder")
     return root
 
 

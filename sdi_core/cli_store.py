@@ -310,15 +310,7 @@ def _check_torch_device(device: str) -> None:
 def run_featurize(args: argparse.Namespace) -> int:
     from .store import check_destination, featurize_to_store
 
-    for name in ("batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise SDIError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}.")
-    rank = _env_int("RANK", 0) if args.rank is None else args.rank
-    world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
-    if args.overwrite and (world > 1 or _under_torchrun(args)):
-        raise SDIError("--overwrite replaces the store from one process; run it without torchrun or --world-size, "
-                       "then featurise with every rank.")
-    check_destination(args.out, "--out")  # before anything is loaded or computed
+    check_destination(args.out, "--out", create=False)  # before anything is loaded or computed; creates nothing
     if args.backend == "torch":
         _check_torch_device(args.device)
     if args.demo is not None:
@@ -349,6 +341,11 @@ def run_featurize(args: argparse.Namespace) -> int:
     else:
         sketch = TensorSketch(dim=args.sketch_dim, seed=args.seed)
     groups = _parse_groups(args.groups)
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise SDIError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}.")
+    rank = _env_int("RANK", 0) if args.rank is None else args.rank
+    world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
     kw = dict(groups=groups, tau=args.tau)
     if args.backend == "numpy":
         fn = numpy_reference_featurizer(config, checkpoints, sketch, data, **kw)
@@ -359,6 +356,9 @@ def run_featurize(args: argparse.Namespace) -> int:
     common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split, progress=args.progress,
                   config=_run_config(args, config, checkpoints, sketch, groups, data),
                   fingerprint=_rows_fingerprint(data), verify=not args.no_verify)
+    if args.overwrite and (world > 1 or _under_torchrun(args)):
+        raise SDIError("--overwrite replaces the store from one process; run it without torchrun or --world-size, "
+                       "then featurise with every rank.")
     if _under_torchrun(args):
         # torchrun: every rank writes its shards, ranks meet on torch.distributed, rank 0 finalises.
         import sdi_torch.distributed as sd

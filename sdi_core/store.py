@@ -1180,8 +1180,8 @@ def _is_owned_leftover(root: str, name: str) -> bool:
     return name == _SHARDS and os.path.isdir(path) and not os.listdir(path)
 
 
-def check_destination(path: str | os.PathLike, option: str = "feature store folder") -> str:
-    """Check that ``path`` can receive a feature store, before any work starts; create the folder.
+def check_destination(path: str | os.PathLike, option: str = "feature store folder", *, create: bool = True) -> str:
+    """Check that ``path`` can receive a feature store, before any work starts.
 
     It may be new, empty, a feature store (complete or not), or what a run
     killed before its first commit left.  A file, a non-empty folder that is
@@ -1191,6 +1191,7 @@ def check_destination(path: str | os.PathLike, option: str = "feature store fold
     Args:
         path: the store folder.
         option: how the caller names it in messages (``"--out"``).
+        create: create the folder when missing (else only check that it could be).
     """
     root = os.fspath(path)
     where = f"{option} {root!r}"
@@ -1218,7 +1219,7 @@ def check_destination(path: str | os.PathLike, option: str = "feature store fold
                         f"Refusing to write a feature store into {where}: the folder is not empty and is not a "
                         f"feature store (it holds {shown}). Choose a new or empty folder; nothing was changed."
                     )
-    return check_writable_dir(root, option)
+    return check_writable_dir(root, option, create=create)
 
 
 # --------------------------------------------------------------------------- the writer lock

@@ -311,11 +311,13 @@ def test_outputs_are_checked_before_any_work(demo_stores, tmp_path, capsys, monk
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(_io.os, "open", read_only)
-    for argv in (["featurize", "--demo", "train", "--out", tmp_path / "ro" / "store"],
+    for argv in (["featurize", "--demo", "train", "--out", tmp_path / "ro"],
                  ["score", demo_stores / "train", demo_stores / "query", "--out", tmp_path / "ro" / "s.npz"]):
         assert _sdi(*argv) == 2
         err = capsys.readouterr().err
         assert "Read-only file system [EROFS]" in err and "choose a writable location" in err, err
+    assert _sdi("featurize", "--demo", "train", "--out", tmp_path / "new", "--batch-size", "0") == 2
+    assert not (tmp_path / "new").exists(), "a refused command creates nothing"
 
 
 def test_sdi_run_checks_its_output_before_training(tmp_path, capsys, monkeypatch):
