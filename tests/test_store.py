@@ -18,7 +18,7 @@ from sdi_core import CheckpointInfo, Features, SDIError
 from sdi_core import store as store_mod
 from sdi_core.store import FeatureStore, featurize_to_store, finalize_store, open_store, write_features
 from test_store_helpers import (CHECKPOINTS, PARAMS, ArrayFeaturizer, BatchFeaturizer, array_batches, assert_same_tree,
-                                make_features, make_plan, tree_bytes)
+                                crash_before_shard, make_features, make_plan, tree_bytes)
 
 from conftest import to_xp
 
@@ -239,17 +239,10 @@ def test_rerun_of_a_finished_store_does_nothing(tmp_path):
 
 def test_resume_after_an_injected_crash_with_other_batches_or_data_is_refused(tmp_path, monkeypatch):
     _run_arrays(tmp_path / "clean", array_batches(N_ROWS, BATCH))
-    real = store_mod._write_shard
-
-    def dying(root, index, *args):
-        if index == 3:
-            raise RuntimeError("simulated crash before shard 3")
-        return real(root, index, *args)
-
-    monkeypatch.setattr(store_mod, "_write_shard", dying)
+    crash_before_shard(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH))
-    monkeypatch.setattr(store_mod, "_write_shard", real)
+    monkeypatch.undo()
     _assert_resumes_refused_then_finishes(tmp_path / "s", tmp_path / "clean", 3)
 
 

@@ -251,16 +251,9 @@ def test_a_changed_setting_is_refused_on_rerun_and_on_resume(run_inputs, tmp_pat
     if when == "rerun":
         assert _sdi(*_featurize_args(run_inputs, out)) == 0
     else:
-        from sdi_core import store as store_mod
+        from test_store_helpers import crash_before_shard
 
-        real = store_mod._write_shard
-
-        def dying(root, index, *args):
-            if index == 1:
-                raise RuntimeError("simulated crash after the first shard")
-            return real(root, index, *args)
-
-        monkeypatch.setattr(store_mod, "_write_shard", dying)
+        crash_before_shard(monkeypatch, 1)
         with pytest.raises(RuntimeError, match="simulated crash"):
             _sdi(*_featurize_args(run_inputs, out))
         monkeypatch.undo()

@@ -130,3 +130,17 @@ class ArrayFeaturizer:
                 block[g.name] = (np.tanh(x) @ proj).reshape(len(x), steps[g.name], g.width)
             data.append(block)
         return Features(data, self.plan.layout, CHECKPOINTS, steps, example_ids=ids)
+
+
+def crash_before_shard(monkeypatch, index: int) -> None:
+    """Make the store raise ``RuntimeError("simulated crash ...")`` instead of writing shard ``index``."""
+    from sdi_core import store
+
+    real = store._write_shard
+
+    def dying(root, i, *args):
+        if i == index:
+            raise RuntimeError(f"simulated crash before shard {index}")
+        return real(root, i, *args)
+
+    monkeypatch.setattr(store, "_write_shard", dying)
