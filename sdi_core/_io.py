@@ -18,6 +18,8 @@ from .factors import SDIError
 
 __all__ = ["os_error", "io_errors", "check_writable_dir", "check_writable_file"]
 
+PROBE_PREFIX = ".sdi-probe-"  # the empty files that prove a folder writable (removed at once)
+
 # errno -> what to do about it
 _REMEDIES = {
     errno.ENOSPC: "the disk is full: free space or choose a location with room, then run the same command again "
@@ -68,11 +70,14 @@ def io_errors(what: str, path: str | os.PathLike | None = None) -> Iterator[None
 
 def _probe(folder: str, what: str) -> None:
     """Create and remove one empty file in ``folder`` (proves that it is writable now)."""
-    probe = os.path.join(folder, f".sdi-probe-{os.getpid()}-{secrets.token_hex(4)}")
+    probe = os.path.join(folder, f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
     with io_errors(f"{what}: the folder {folder!r} is not writable", folder):
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.close(fd)
-        os.unlink(probe)
+        try:
+            os.unlink(probe)
+        except FileNotFoundError:  # a store's cleanup removes probes left by killed runs
+            pass
 
 
 def check_writable_dir(path: str | os.PathLike, option: str, *, create: bool = True) -> str:

@@ -77,7 +77,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._array import is_array_api_obj, to_numpy
-from ._io import check_writable_dir, io_errors
+from ._io import PROBE_PREFIX, check_writable_dir, io_errors
 from .factors import SDIError
 from .features import CheckpointInfo, Features, check_compatible
 from .specs import FeatureLayout
@@ -114,7 +114,6 @@ _DATA = "data"
 _DATA_COMMIT = "data.json"
 _TMP = ".sdi-tmp"
 _LOCK_PREFIX = ".sdi-lock-"
-_PROBE_PREFIX = ".sdi-probe-"
 _IDS = "example_ids.npy"
 _SHARD_RE = re.compile(r"^(\d{6,})$")
 _MARKER_RE = re.compile(r"^(\d{6,})\.json$")
@@ -1138,6 +1137,15 @@ def _cleanup(root: str) -> None:
     tmp = os.path.join(root, _TMP)
     if os.path.isdir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
+    for name in os.listdir(root):  # left by killed runs: probe files, and locks whose holder is gone
+        path = os.path.join(root, name)
+        if name.startswith(PROBE_PREFIX):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        elif name.startswith(_LOCK_PREFIX) and os.path.abspath(path) not in _held_locks:
+            _remove_stale_lock(path)
     _fsync_dir(root)
 
 
@@ -1175,7 +1183,7 @@ def _remove_store(root: str) -> None:
 def _is_owned_leftover(root: str, name: str) -> bool:
     """Whether ``name`` in a folder without ``meta.json`` is what a run killed before its first commit leaves."""
     path = os.path.join(root, name)
-    if name == _TMP or name.startswith(_LOCK_PREFIX) or name.startswith(_PROBE_PREFIX):
+    if name == _TMP or name.startswith(_LOCK_PREFIX) or name.startswith(PROBE_PREFIX):
         return True
     return name == _SHARDS and os.path.isdir(path) and not os.listdir(path)
 
@@ -1269,6 +1277,22 @@ def _holder_text(holder: dict | None) -> str:
     if holder is None:
         return "a process that has not written its pid yet"
     return f"pid {holder.get('pid')} on host {holder.get('host')!r} (rank {holder.get('rank')} of {holder.get('world_size')})"
+
+
+def _remove_stale_lock(path: str) -> None:
+    """Delete a lock file whose writer is gone (its flock is free; without flock, its pid is dead on this host)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        got, holder = _try_flock(fd), _read_holder(fd)
+        if got is None:
+            got = holder is not None and holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"])
+        if got and holder is not None:
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 class _WriterLock:

@@ -281,8 +281,12 @@ def test_a_stale_lock_is_taken_over_and_other_world_sizes_are_refused(tmp_path):
     dead = subprocess.run([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "s"), "0", "1", "die"],
                           capture_output=True, text=True, timeout=60)
     assert dead.stdout.strip() == "held" and os.path.exists(tmp_path / "s" / ".sdi-lock-0")
-    _store(tmp_path / "s")  # takes the stale lock over
-    assert not os.path.exists(tmp_path / "s" / ".sdi-lock-0")
+    dead_peer = subprocess.run([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "s"), "1", "2", "die"],
+                               capture_output=True, text=True, timeout=60)
+    assert dead_peer.stdout.strip() == "held"
+    (tmp_path / "s" / ".sdi-probe-123-abcd").write_text("")  # as a run killed while probing the folder leaves it
+    _store(tmp_path / "s", shards=False)  # takes the stale lock over; the finished store drops what dead writers left
+    assert sorted(os.listdir(tmp_path / "s")) == ["data", "data.json", "meta.json"]
 
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "t"), "1", "2", "live"],
                               stdout=subprocess.PIPE, text=True)
