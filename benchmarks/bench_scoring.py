@@ -82,6 +82,8 @@ def parse(argv):
     workload_args(ap, n_train=200_000, dim=2048, budget="2GiB", shard_rows=25_000)
     ap.add_argument("--budgets", default="256MiB,512MiB,1GiB,2GiB,4GiB", help="budgets of the budget sweep")
     ap.add_argument("--splits", default="10,5,2,1", help="N_train sweep: score the first n_train / s rows")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="open the store without CRC-32 checks (they run once per chunk, on the first read)")
     ap.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     ap.add_argument("--split", type=int, default=1, help=argparse.SUPPRESS)
     return finish_args(ap, argv, QUICK)
@@ -158,7 +160,7 @@ def worker(args) -> dict:
     from sdi_core.scoring import parse_bytes, score_store
     from sdi_core.store import open_store
 
-    store = open_store(args.store_dir)
+    store = open_store(args.store_dir, verify=not args.no_verify)
     query, budget = query_of(args, store), parse_bytes(args.budget)
     n = store.n_examples // args.split
     train_rows = store if n == store.n_examples else FirstRows(store, n)
@@ -189,7 +191,8 @@ def worker(args) -> dict:
                                              "paired_max": 1 / s["ratio_paired_min"], "best_over_best": 1 / s["ratio_best"]},
                "timings": summary, "topk_matches_baseline_product": bool(verified),
                "streamed_gflops_best": 2.0 * n * args.dim * q_mat.shape[0] / s["best_s"] / 1e9}
-    return {"n_train": n, "budget_bytes": budget, "block_rows": res.block_rows, "pid": os.getpid(), **out,
+    return {"n_train": n, "budget_bytes": budget, "block_rows": res.block_rows, "pid": os.getpid(),
+            "verify": not args.no_verify, **out,
             **common.load_record(load_before, common._loadavg()), "machine": common.finish_info(info)}
 
 
@@ -199,6 +202,7 @@ def run_worker(args, what: str, split: int, budget: str, store_dir: str) -> dict
            "--store-dir", store_dir, "--threads", str(args.threads), "--repeats", str(args.repeats)]
     for key in ("n_query", "dim", "steps", "k", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--no-verify"] if args.no_verify else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} worker failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

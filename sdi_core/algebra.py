@@ -334,7 +334,8 @@ class InfluenceResult:
                 by ``trajectory[..., step]``; None ranks by TracIn.
             largest: rank by largest (proponents) or smallest (opponents) value.
         """
-        from .scoring import make_merger  # the running merger lives with the streamed scorer, which builds on this
+        # The merger and the refusal live with the streamed scorer, which builds on this module.
+        from .scoring import _row_describer, make_merger, refuse_non_finite
 
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise SDIError(f"top_k(k={k!r}): k must be a positive int.")
@@ -347,7 +348,9 @@ class InfluenceResult:
                 )
             step = int(step) % n_slots
         mergers: dict[int, Any] = {}
+        describe = _row_describer(self.train, "train")
         for i, j, tile in self.iter_blocks("tracin" if step is None else "query"):
+            refuse_non_finite(self.xp, tile, i.start, describe, "train")
             if j.start not in mergers:
                 mergers[j.start] = make_merger(self.xp, j.stop - j.start, k, largest, self._dtype, self._query(j).device)
             mergers[j.start].update(tile if step is None else tile[:, :, step], i.start)

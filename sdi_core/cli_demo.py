@@ -320,6 +320,9 @@ def run_pipeline(settings: RunSettings) -> RunOutcome:
         :class:`RunOutcome` (report paths, accuracies, timings, top examples, sketch-vs-exact metrics).
     """
     settings.validate()
+    from ._io import check_writable_dir, io_errors
+
+    check_writable_dir(settings.out, "--out")  # before any training
     import torch
 
     old_threads = torch.get_num_threads()
@@ -328,7 +331,8 @@ def run_pipeline(settings: RunSettings) -> RunOutcome:
         # threads only slow them down when the cores are shared; restored on exit.
         torch.set_num_threads(settings.threads)
     try:
-        return _pipeline(settings)
+        with io_errors(f"sdi run: writing the report folder (--out {settings.out!r})", settings.out):
+            return _pipeline(settings)
     finally:
         torch.set_num_threads(old_threads)
 

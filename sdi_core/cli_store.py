@@ -92,28 +92,43 @@ def load_config(path: str):
         raise SDIError(f"--model {path!r}: {exc}; the keys are the fields of LoopedConfig.") from None
 
 
-def load_weights(path: str) -> dict[str, np.ndarray]:
+def _load_npz(path: str, option: str, what: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` archive (never unpickled), or an SDIError naming the option and the fix."""
+    from ._io import io_errors
+
+    if os.path.isdir(path):
+        raise SDIError(f"{option} {path!r} is a folder; give the .npz file of {what}.")
+    if not os.path.exists(path):
+        raise SDIError(f"{option} {path!r}: no such file.")
     try:
-        with np.load(path) as z:
+        with io_errors(f"{option} {path!r}: cannot read it", path):
+            z = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise SDIError(f"{option} {path!r} is not an .npz of {what} ({exc}); write it with numpy.savez.") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise SDIError(
+            f"{option} {path!r} holds a single array (an .npy), not an .npz archive of {what}; write the named "
+            "arrays with numpy.savez(path, name=array, ...)."
+        )
+    try:
+        with z, io_errors(f"{option} {path!r}: cannot read it", path):
             return {k: np.asarray(z[k]) for k in z.files}
-    except FileNotFoundError:
-        raise SDIError(f"--checkpoint {path!r}: no such file.") from None
-    except (ValueError, OSError) as exc:
-        raise SDIError(f"--checkpoint {path!r} is not an .npz of weights ({exc}).") from None
+    except (ValueError, EOFError, KeyError) as exc:
+        raise SDIError(f"{option} {path!r} is a damaged .npz ({exc}); write it again with numpy.savez.") from None
+
+
+def load_weights(path: str) -> dict[str, np.ndarray]:
+    return _load_npz(path, "--checkpoint", "weights (name -> array)")
 
 
 def load_data(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path) as z:
-            data = {k: np.asarray(z[k]) for k in z.files}
-    except FileNotFoundError:
-        raise SDIError(f"--data {path!r}: no such file.") from None
-    except (ValueError, OSError) as exc:
-        raise SDIError(f"--data {path!r} is not an .npz ({exc}).") from None
+    data = _load_npz(path, "--data", "tokens and targets")
     for key in ("tokens", "targets"):
         if key not in data:
             raise SDIError(f"--data {path!r} has no {key!r} array (it has {sorted(data)}).")
     n = data["tokens"].shape[0]
+    if n == 0:
+        raise SDIError(f"--data {path!r} holds no rows; nothing to featurise.")
     for key, a in data.items():
         if a.shape[:1] != (n,):
             raise SDIError(f"--data {path!r}: {key!r} has {a.shape[0] if a.ndim else 0} rows, tokens has {n}.")
@@ -244,9 +259,60 @@ def _parse_groups(text: str) -> tuple[str, ...]:
     return groups
 
 
-def run_featurize(args: argparse.Namespace) -> int:
-    from .store import featurize_to_store
+def _run_config(args, config, checkpoints, sketch, groups, data) -> dict:
+    """What determines a store's contents besides the store settings: compared on every rerun and resume."""
+    import dataclasses
 
+    return {
+        "backend": args.backend,
+        "torch_dtype": args.torch_dtype if args.backend == "torch" else None,
+        "device": args.device.split(":")[0] if args.backend == "torch" else None,
+        "model": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config),
+        "checkpoints": [{"id": info.id, "eta": info.eta} for _, info in checkpoints],
+        "sketch": {"kind": type(sketch).__name__, **{k: getattr(sketch, k) for k in ("dim", "seed") if hasattr(sketch, k)}},
+        "groups": list(groups),
+        "tau": args.tau,
+        "data": {"rows": int(data["tokens"].shape[0]), "fingerprint": _data_fingerprint(data)},
+        "batch_size": args.batch_size,
+    }
+
+
+def _data_fingerprint(data: dict) -> str:
+    from .store import batch_fingerprint
+
+    return batch_fingerprint([data])
+
+
+def _rows_fingerprint(data: dict) -> Callable[[list[tuple[int, int]]], str]:
+    """Input fingerprint of a shard: its row ranges and the rows of every data array in them."""
+    from .store import batch_fingerprint
+
+    def fingerprint(ranges: list[tuple[int, int]]) -> str:
+        return batch_fingerprint([{"rows": [a, b], **{k: v[a:b] for k, v in data.items()}} for a, b in ranges])
+
+    return fingerprint
+
+
+def _check_torch_device(device: str) -> None:
+    """Refuse a --device that torch cannot parse or use, before any work."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise SDIError(f"--backend torch needs PyTorch ({exc}); pip install 'sdi[torch]'.") from None
+    try:
+        dev = torch.device(device)
+        torch.empty(1, device=dev)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SDIError(f"--device {device!r} cannot be used ({first}); pass e.g. --device cpu or --device cuda:0.") from None
+
+
+def run_featurize(args: argparse.Namespace) -> int:
+    from .store import check_destination, featurize_to_store
+
+    check_destination(args.out, "--out", create=False)  # before anything is loaded or computed; creates nothing
+    if args.backend == "torch":
+        _check_torch_device(args.device)
     if args.demo is not None:
         if args.model or args.checkpoint or args.data:
             raise SDIError("--demo uses a built-in model and data; drop --model, --checkpoint and --data.")
@@ -287,7 +353,12 @@ def run_featurize(args: argparse.Namespace) -> int:
         fn = torch_featurizer(config, checkpoints, sketch, data, device=args.device, dtype=args.torch_dtype,
                               progress=False, **kw)
     batches = batch_ranges(int(data["tokens"].shape[0]), args.batch_size)
-    common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split, progress=args.progress)
+    common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split, progress=args.progress,
+                  config=_run_config(args, config, checkpoints, sketch, groups, data),
+                  fingerprint=_rows_fingerprint(data), verify=not args.no_verify)
+    if args.overwrite and (world > 1 or _under_torchrun(args)):
+        raise SDIError("--overwrite replaces the store from one process; run it without torchrun or --world-size, "
+                       "then featurise with every rank.")
     if _under_torchrun(args):
         # torchrun: every rank writes its shards, ranks meet on torch.distributed, rank 0 finalises.
         import sdi_torch.distributed as sd
@@ -297,7 +368,7 @@ def run_featurize(args: argparse.Namespace) -> int:
         if sd.rank_and_world()[0] == 0:
             print(store)
         return 0
-    store = featurize_to_store(args.out, fn, batches, rank=rank, world_size=world,
+    store = featurize_to_store(args.out, fn, batches, rank=rank, world_size=world, overwrite=args.overwrite,
                                consolidate=(world == 1 and not args.no_consolidate), **common)
     if store is None:
         print(f"rank {rank}/{world}: shards written to {args.out}; the store is complete once every rank has "
@@ -322,11 +393,15 @@ def _under_torchrun(args: argparse.Namespace) -> bool:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from ._io import check_writable_file, io_errors
     from .scoring import DENSE_KINDS, parse_bytes, score_store, self_influence_store
     from .store import FeatureStore
 
     budget = parse_bytes(args.budget)
-    train = FeatureStore(args.train)
+    if args.out:
+        check_writable_file(args.out, "--out")  # before any scoring
+    verify = not args.no_verify
+    train = FeatureStore(args.train, verify=verify)
     rank = _env_int("RANK", 0) if args.rank is None else args.rank
     world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
     if args.self_influence:
@@ -338,7 +413,8 @@ def run_score(args: argparse.Namespace) -> int:
             arrays = {"tracin": res.tracin, "slot_labels": np.asarray(res.slot_labels)}
             if res.per_slot is not None:
                 arrays["per_slot"] = res.per_slot
-            np.savez(args.out, **arrays)
+            with io_errors(f"sdi score: writing --out {args.out!r}", args.out):
+                np.savez(_npz_path(args.out), **arrays)
         order = np.argsort(-res.tracin, kind="stable")[: args.k]
         ids = train.example_ids
         print(f"highest self-influence (TracIn) of {train.n_examples} train examples:")
@@ -355,7 +431,9 @@ def run_score(args: argparse.Namespace) -> int:
         raise SDIError("--dense writes arrays: give --out FILE.npz as well.")
     if args.k < 0:
         raise SDIError(f"--k must be >= 0, got {args.k}.")
-    query = FeatureStore(args.query)
+    if args.max_queries < 0:
+        raise SDIError(f"--max-queries must be >= 0, got {args.max_queries}.")
+    query = FeatureStore(args.query, verify=verify)
     kw = dict(k=args.k, budget=budget, slots=not args.no_slots, total=not args.no_total, dense=dense,
               normalize=args.normalize, largest=not args.smallest, block_rows=args.block_rows, progress=args.progress)
     if _under_torchrun(args):
@@ -372,12 +450,18 @@ def run_score(args: argparse.Namespace) -> int:
             print(f"rank {rank}/{world}: scored train rows {res.rows[0]}..{res.rows[1]} only; combine the parts "
                   "with sdi_core.scoring.StreamedScores.merge (or run under torchrun, which merges).")
     if args.out:
-        res.to_npz(args.out)
+        with io_errors(f"sdi score: writing --out {args.out!r}", args.out):
+            res.to_npz(_npz_path(args.out))
     if not args.quiet:
         print(res.table(max_queries=args.max_queries))
     if args.out:
-        print(f"wrote {args.out}")
+        print(f"wrote {_npz_path(args.out)}")
     return 0
+
+
+def _npz_path(path: str) -> str:
+    """The file ``numpy.savez`` writes for ``path`` (it appends ``.npz`` when missing)."""
+    return path if path.endswith(".npz") else path + ".npz"
 
 
 # --------------------------------------------------------------------------- parsers
@@ -420,7 +504,9 @@ def register(subparsers) -> None:
                     help="store features summed over loop steps (enough for train stores scored by query step)")
     sk.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype on disk")
     out = f.add_argument_group("store")
-    out.add_argument("--out", required=True, metavar="STORE", help="store directory (created; resumed when it exists)")
+    out.add_argument("--out", required=True, metavar="STORE",
+                     help="store directory (created; resumed when it holds a store of the same run; a non-empty folder "
+                     "that is not a store is refused)")
     out.add_argument("--split", default=None, help="label kept in the metadata (default: the --demo split)")
     out.add_argument("--batch-size", type=int, default=32, help="examples per forward/backward pass")
     out.add_argument("--shard-size", type=int, default=8, help="batches per shard (the unit of commit and resume)")
@@ -428,6 +514,11 @@ def register(subparsers) -> None:
     out.add_argument("--world-size", type=int, default=None, help="number of writing processes (default $WORLD_SIZE or 1)")
     out.add_argument("--no-consolidate", action="store_true",
                      help="keep the shards instead of merging them into one file per checkpoint and group")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing store at --out (only the files the store wrote) and featurise from "
+                     "scratch; without it a store written with another configuration or other data is refused")
+    out.add_argument("--no-verify", action="store_true",
+                     help="skip the CRC-32 check of every shard before consolidation copies it")
     out.add_argument("--device", default="cpu", help="torch device (--backend torch)")
     out.add_argument("--torch-dtype", choices=("float32", "float64"), default="float32",
                      help="model dtype (--backend torch)")
@@ -459,6 +550,8 @@ def register(subparsers) -> None:
     s.add_argument("--block-rows", type=int, default=None, help="cap on train rows per block (default: from the budget)")
     s.add_argument("--rank", type=int, default=None, help="score only this rank's share of TRAIN (default $RANK or 0)")
     s.add_argument("--world-size", type=int, default=None, help="number of scoring ranks (default $WORLD_SIZE or 1)")
+    s.add_argument("--no-verify", action="store_true",
+                   help="skip the CRC-32 checks of the stores' files as they are read (sizes and headers are still checked)")
     s.add_argument("--progress", action="store_true", help="show a progress bar")
     s.set_defaults(func=run_score)
 

@@ -24,9 +24,12 @@ class Checkpoint:
         eta: learning-rate weight of this checkpoint in the TracIn sum
             ``sum_k eta_k <grad_i, grad_j>`` (a positive float).  When None,
             a backend reads it from the checkpoint file when it records one
-            and otherwise uses 1.0.
-        name: identity used to match train and query features; defaults to
-            the path for file sources and to a hash of the weights otherwise.
+            (a recorded value that is not a finite positive number is
+            refused) and otherwise uses 1.0.
+        name: identity used to match train and query features (a name
+            asserts the identity); defaults to a hash of the weights, for a
+            file source of the weights it holds when it is loaded, so that an
+            overwritten file is a new checkpoint.
         step: training step the checkpoint was taken at (informational).
     """
 

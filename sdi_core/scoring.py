@@ -26,8 +26,10 @@ arithmetic of a one-process run: merged parts are bit-identical to it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, Sequence
@@ -44,11 +46,13 @@ from .store import FeatureStore
 __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_BLOCK_ROWS",
+    "RSS_CONSTANT",
     "DENSE_KINDS",
     "BlockPlan",
     "StreamedScores",
     "SelfInfluence",
     "make_merger",
+    "refuse_non_finite",
     "score_store",
     "self_influence_store",
     "plan_blocks",
@@ -56,6 +60,9 @@ __all__ = [
 ]
 
 DEFAULT_BUDGET = 1 << 30
+# What a scoring run may add to the peak resident set beyond its budget: BLAS's work buffers, the store's
+# 1 MiB verification buffer, interpreter objects (measured on Linux: 1-5 MiB; tests/test_store_budget.py).
+RSS_CONSTANT = 8 << 20
 DENSE_KINDS = ("trajectory", "tracin", "train_trajectory", "step_matrix")
 _MERGE_BYTES_MAX = 64 << 20  # scratch memory of the top-k merge
 _PRIME_COLUMNS = 1024  # train rows used to set the first top-k thresholds exactly
@@ -158,7 +165,7 @@ class _TopKMerger:
         live = np.flatnonzero(counts)
         cmax = int(counts.max())
         width = self.k + cmax
-        if len(live) * width * 24 > self.merge_bytes:
+        if len(live) * width * 48 > self.merge_bytes:  # keys, indices, their sort and gathers
             # Too many candidates for a padded merge (e.g. sorted input): exact merge in chunks.
             self._exact(scores, offset)
             return
@@ -184,7 +191,7 @@ class _TopKMerger:
         b = scores.shape[0]
         k = self.k
         width = k + b
-        chunk = max(1, self.merge_bytes // (width * 20))
+        chunk = max(1, self.merge_bytes // (width * 40))  # ~40 bytes live per entry (keys, copies, masks)
         for r0 in range(0, self.rows, chunk):
             r1 = min(self.rows, r0 + chunk)
             s = scores[:, r0:r1].T.astype(self.dtype, copy=False)
@@ -417,23 +424,63 @@ def plan_blocks(budget: int, *, n_rows: int, fixed_bytes: int, row_bytes: int, b
     return BlockPlan(rows, int(fixed_bytes), int(row_bytes), merge, int(budget))
 
 
-def _plan(budget: int, src, q: Query, modes: Sequence[str], k: int, dense, n_dense: int, block_rows) -> BlockPlan:
-    """Bytes of one score_store run (see :func:`plan_blocks`), from the shapes alone."""
-    isz, nq, t_steps, sq = q.itemsize, q.n, dict(src.steps), sum(q.steps.values())
-    st = sum(t_steps.values())
+def _plan(budget: int, src, qf: Features, modes: Sequence[str], k: int, dense, n_dense: int, block_rows, *,
+          isz: int, staged: bool, need: Sequence[str], loaded: bool, normalize) -> BlockPlan:
+    """Bytes of one score_store run (see :func:`plan_blocks`), from the shapes alone, before anything is allocated.
+
+    Counted: the query as read from a store (``loaded``), every temporary of
+    :func:`~sdi_core.algebra.prepare_query` and its result; per train row the
+    block as read, its cast and step sums (:func:`~sdi_core.algebra.train_rows`),
+    the tiles of every mode and the assembly's sums, and the merger's masks;
+    the dense outputs and the top-k state.  Refused, naming the parts, when
+    the query side alone does not fit.
+    """
+    kq, nq, t_steps = len(qf.checkpoints), qf.n_examples, dict(src.steps)
+    q_steps = {g.name: int(qf.steps[g.name]) for g in qf.layout.groups}
+    st, sq = sum(t_steps.values()), sum(q_steps.values())
+    q_width = {g.name: g.width for g in qf.layout.groups}
+    in_isz = _source_dtype(qf).itemsize
+    per_step_elems = nq * kq * sum(q_steps[g] * q_width[g] for g in q_steps)
+    summed_elems = nq * kq * sum(q_width.values())
+    largest = max(nq * q_steps[g] * q_width[g] for g in q_steps)
+    q_in = per_step_elems * in_isz if loaded or staged else 0  # read from a store, or copied to the device
+    q_kept = (per_step_elems if "per_step" in need else 0) * isz + (summed_elems if "summed" in need else 0) * isz
+    if "per_step" not in need and kq == 1:
+        q_kept += per_step_elems * isz  # nothing to concatenate: the scaled arrays stay alive as the summed base
+    prepare = (q_in + per_step_elems * isz  # the query as read, its scaled copy
+               + (per_step_elems * isz if "per_step" in need and kq > 1 else 0)  # checkpoints side by side
+               + (2 * summed_elems * isz if "summed" in need else 0)  # step sums, then side by side
+               + 2 * largest * max(in_isz, isz))  # eta product, column order, cast of one group in flight
+
     widths = {g.name: g.width * len(src.checkpoints) for g in src.layout.groups}
-    stored = sum((1 if src.summed else t_steps[g]) * w for g, w in widths.items()) * _source_dtype(src).itemsize
-    per_step = sum(t_steps[g] * w for g, w in widths.items()) * isz
-    staged = not is_numpy_namespace(q.xp)  # two blocks in flight on the device; tiles copied to the host
+    src_isz = _source_dtype(src).itemsize
+    stored_elems = sum((1 if src.summed else t_steps[g]) * w for g, w in widths.items())
+    kd = sum(widths.values())
+    cast = stored_elems * isz if src_isz != isz else 0
+    cosine, several = normalize is not None, len(src.checkpoints) > 1
+    # train_rows: step sums, cosine-scaled copies, checkpoints side by side; a norm's vecdot copies one group
+    sums = 0 if src.summed else kd * isz
+    norm_tmp = max(g.width for g in src.layout.groups) * isz if cosine else 0
+    rows_summed = sums + kd * isz * (int(cosine) + int(several)) + norm_tmp
+    rows_per_step = ((sums if cosine else 0) + norm_tmp
+                     + sum(t_steps[g] * w for g, w in widths.items()) * isz * (int(cosine) + int(several)))
     scan = 1 if not staged else isz + 24  # per score: the NumPy merger's mask, or the device merger's sort
     dense_row = nq * isz * sum({"trajectory": sq, "tracin": 1, "train_trajectory": st, "step_matrix": st * sq}[d]
                                for d in dense)
-    per_mode = {"query": nq * (sq + 2) * isz + nq * (sq + 1) * scan, "tracin": 2 * nq * isz + nq * scan,
-                "train": 2 * nq * st * isz + per_step, "matrix": 3 * nq * st * sq * isz + per_step}
-    row = stored * (2 if staged else 1) + sum(widths.values()) * isz + sum(per_mode[m] for m in modes)
+    per_mode = {"query": nq * (sq + 2) * isz + nq * (sq + 1) * scan, "tracin": 3 * nq * isz + nq * scan,
+                "train": 2 * nq * st * isz, "matrix": 3 * nq * st * sq * isz}
+    row = stored_elems * src_isz * (2 if staged else 1) + cast + sum(per_mode[m] for m in modes)
+    row += rows_summed if {"query", "tracin"} & set(modes) else 0
+    row += rows_per_step if {"train", "matrix"} & set(modes) else 0
     row += dense_row if staged else 0
-    fixed = q.nbytes + n_dense * dense_row + 16 * k * nq * (sq + 1)
-    return plan_blocks(budget, n_rows=src.n_examples, fixed_bytes=fixed, row_bytes=row, block_rows=block_rows)
+    fixed = q_kept + n_dense * dense_row + 16 * k * nq * (sq + 1)
+    plan = plan_blocks(budget, n_rows=src.n_examples, fixed_bytes=fixed, row_bytes=row, block_rows=block_rows)
+    if prepare > budget:  # before the loop: the merge scratch is not in use yet
+        raise SDIError(
+            f"Memory budget {budget} bytes is too small: preparing the query side ({nq} queries x {sq} steps x "
+            f"{kq} checkpoints) takes {prepare} bytes. Raise the budget, or score fewer queries at a time."
+        )
+    return plan
 
 
 def _progress(on: bool, total: int, desc: str):
@@ -460,7 +507,7 @@ def _source(obj, what: str):
 def _query_features(obj) -> Features:
     src = _source(obj, "query")
     if isinstance(src, FeatureStore):
-        return src.as_features(in_memory=len(src.segments) > 1)
+        return src.as_features(in_memory=True)  # read (and verified) into memory: counted in the budget
     if not isinstance(src, Features):
         raise SDIError(f"query must be sdi_core.Features or a feature store; got {type(obj).__name__}.")
     return src
@@ -509,6 +556,19 @@ def _on(xp, device, block: list[dict]) -> list[dict]:
     return [{g: _move(xp, device, a) for g, a in blk.items()} for blk in block]
 
 
+def _moved_blocks(src, q: Query, block_rows: int, lo: int, hi: int):
+    """The source's blocks on the computation device, holding no reference to a block once it is yielded.
+
+    (A generator expression would keep the previous block alive while the
+    next one is read: two blocks where the budget counts one.)
+    """
+    box = []
+    for a, b, blk in src.iter_blocks(block_rows, lo, hi):
+        box.append(blk)
+        del blk
+        yield a, b, _on(q.xp, q.device, box.pop())
+
+
 def _tiles(src, q: Query, modes: Sequence[str], normalize, block_rows: int, start: int, stop: int):
     """Yield ``(row_start, row_stop, {mode: tile})`` over train rows ``[start, stop)``.
 
@@ -519,7 +579,7 @@ def _tiles(src, q: Query, modes: Sequence[str], normalize, block_rows: int, star
     contracts this one.  Mode ``"query"`` gives :func:`query_parts`.
     """
     lo, hi = start // block_rows * block_rows, min(src.n_examples, -(-stop // block_rows) * block_rows)
-    blocks = ((a, b, _on(q.xp, q.device, blk)) for a, b, blk in src.iter_blocks(block_rows, lo, hi))
+    blocks = _moved_blocks(src, q, block_rows, lo, hi)
     nxt = next(blocks, None)
     while nxt is not None:
         a, b, block = nxt
@@ -529,7 +589,7 @@ def _tiles(src, q: Query, modes: Sequence[str], normalize, block_rows: int, star
             if per_step not in rows:
                 rows[per_step] = train_rows(block, per_step=per_step, normalize=normalize, xp=q.xp, dtype=q.dtype)
             tiles[m] = query_parts(rows[per_step], q) if m == "query" else contract(rows[per_step], q, m)
-        del rows, block
+        del rows, block, nxt  # this block is dropped before the next one is read (the device may still use it)
         nxt = next(blocks, None)
         cut = slice(max(a, start) - a, min(b, stop) - a)
         yield max(a, start), min(b, stop), {m: [p[cut, ...] for p in t] if m == "query" else t[cut, ...] for m, t in tiles.items()}
@@ -546,8 +606,8 @@ class _Assembly:
     """score_store's outputs as the tiles arrive: top-k mergers on the device, dense arrays on the host."""
 
     def __init__(self, q: Query, t_slots: int, k: int, largest: bool, slots: bool, total: bool, dense, n_rows: int,
-                 start: int, merge_bytes: int) -> None:
-        xp, self.q, self.start, self.k = q.xp, q, start, k
+                 start: int, merge_bytes: int, describe) -> None:
+        xp, self.q, self.start, self.k, self.describe = q.xp, q, start, k, describe
         self.slot = {g: make_merger(xp, q.n * q.steps[g], k, largest, q.dtype, q.device, merge_bytes)
                      for g in q.groups} if slots else {}
         self.total = make_merger(xp, q.n, k, largest, q.dtype, q.device, merge_bytes) if total else None
@@ -558,6 +618,8 @@ class _Assembly:
 
     def add(self, lo: int, hi: int, tiles: dict) -> None:
         xp, q, rows = self.q.xp, self.q, slice(lo - self.start, hi - self.start)
+        for tile in [*tiles.get("query", ()), *(tiles[m] for m in ("tracin", "train", "matrix") if m in tiles)]:
+            refuse_non_finite(xp, tile, lo, self.describe, "train")
         tot, s0 = tiles.get("tracin"), 0
         for g, part in zip(q.groups, tiles.get("query", ())):
             if g in self.slot:
@@ -576,10 +638,13 @@ class _Assembly:
             if name in self.out:
                 self.out[name][rows] = to_numpy(tile)
 
-    def topk(self, ids) -> tuple[TopK | None, TopK | None]:
-        """``(slot_topk [N_query, S_query, k], total_topk [N_query, k])``, None where not kept."""
+    def topk(self, ids_of) -> tuple[TopK | None, TopK | None]:
+        """``(slot_topk [N_query, S_query, k], total_topk [N_query, k])``, None where not kept.
+
+        ``ids_of(indices)`` gives the example ids of train rows.
+        """
         def top(idx, sc):
-            return TopK(idx, sc, idx if ids is None else ids[idx])
+            return TopK(idx, sc, ids_of(idx))
 
         slot = total = None
         if self.slot:
@@ -647,9 +712,14 @@ def score_store(
             not NumPy).
         k: how many train examples to keep per query (clipped to the rows
             scored); None or 0 for no top-k.
-        budget: bytes (or ``"2GiB"``) that the prepared query, the working
-            blocks and their tiles (on the computation device) and the dense
-            outputs (on the host) may occupy together.
+        budget: bytes (or ``"2GiB"``) that everything scoring allocates may
+            occupy together: the query as read from a store, its preparation
+            and its temporaries, the working block as read, its casts and
+            sums, the tiles, the top-k state and scratch (on the computation
+            device) and the dense outputs (on the host).  On the CPU the peak
+            resident set grows by at most ``budget + RSS_CONSTANT`` (8 MiB);
+            a budget that cannot hold the query side and one train row is
+            refused.
         slots: keep the top-k per query *slot* (``I(i, j, t)`` for each ``t``).
         total: keep the top-k per query by TracIn (``sum_t I(i, j, t)``).
         dense: any of ``"trajectory"`` ``[N, Nq, Sq]``, ``"tracin"`` ``[N, Nq]``,
@@ -672,6 +742,7 @@ def score_store(
     Returns:
         :class:`StreamedScores` (NumPy arrays).
     """
+    _pin_malloc_threshold()
     tr, qf = _source(train, "train"), _query_features(query)
     dense, cdt = _check_score_args(tr, qf, k, dense, normalize, rank, world_size, block_rows, dtype)
     order = check_compatible(tr, qf, "the train store and the query features")
@@ -681,30 +752,124 @@ def score_store(
     tile = want_slots or "trajectory" in dense  # the query-step tile, else TracIn alone when that is all
     modes = ["query" if tile else "tracin"] if tile or want_total or "tracin" in dense else []
     modes += [m for m, d in (("train", "train_trajectory"), ("matrix", "step_matrix")) if d in dense]
-    # prepare: the query on the computation device, scaled once
+    # plan: block rows under the budget (the same in every rank), from the shapes, before anything is allocated
     xp, device = _space(tr, qf)
     need = [n for n, ms in (("per_step", {"query", "matrix"}), ("summed", {"tracin", "train"})) if ms & set(modes)]
+    loaded = not isinstance(query, Features) or any(isinstance(a, np.memmap) for b in qf.data for a in b.values())
+    plan = _plan(budget, tr, qf, modes, k, dense, -(-tr.n_examples // int(world_size)), block_rows,
+                 isz=cdt.itemsize, staged=not is_numpy_namespace(xp), need=need, loaded=loaded, normalize=normalize)
+    # prepare: the query on the computation device, scaled once; the query as read is dropped
     q = prepare_query(replace(qf, data=_on(xp, device, qf.data)), [c.eta for c in tr.checkpoints],
                       normalize=normalize, order=order, need=need, dtype=getattr(xp, cdt.name))
-    # plan: block rows under the budget (the same in every rank), then loop and assemble
-    plan = _plan(budget, tr, q, modes, k, dense, -(-tr.n_examples // int(world_size)), block_rows)
+    labels, n_query = qf.slot_labels(), qf.n_examples
+    query_ids = np.asarray(qf.example_ids if qf.example_ids is not None else np.arange(n_query))
+    describe_query = _row_describer(query if isinstance(query, FeatureStore) else qf, "query")
+    del qf
+    _check_query(q, describe_query)
     acc = _Assembly(q, sum(tr.steps.values()), k, largest, want_slots, want_total, dense, stop - start, start,
-                    plan.merge_bytes)
+                    plan.merge_bytes, _row_describer(tr, "train"))
+    # loop and assemble (a block's tiles are dropped before the next block is read)
     with _progress(progress, stop - start, "scoring") as bar:
         for lo, hi, tiles in _tiles(tr, q, modes, normalize, plan.block_rows, start, stop) if modes else ():
             acc.add(lo, hi, tiles)
+            del tiles
             bar.update(hi - lo)
-    slot_topk, total_topk = acc.topk(tr.example_ids)
+    slot_topk, total_topk = acc.topk(_ids_of(tr))
     return StreamedScores(
-        slot_topk=slot_topk, total_topk=total_topk, slot_labels=qf.slot_labels(),
+        slot_topk=slot_topk, total_topk=total_topk, slot_labels=labels,
         train_slot_labels=slot_labels(tr.layout, tr.steps), rows=(start, stop), n_train=tr.n_examples,
-        query_ids=np.asarray(qf.example_ids if qf.example_ids is not None else np.arange(q.n)), k=k,
-        largest=bool(largest), block_rows=plan.block_rows,
+        query_ids=query_ids, k=k, largest=bool(largest), block_rows=plan.block_rows,
         meta={"budget": plan.budget, "bytes_per_row": plan.bytes_per_row, "fixed_bytes": plan.fixed_bytes,
               "merge_bytes": plan.merge_bytes, "dtype": cdt.name, "normalize": normalize,
               "namespace": xp.__name__, "device": str(device)},
         **acc.out,
     )
+
+
+# --------------------------------------------------------------------------- resident memory
+
+
+_malloc_pinned = False
+
+
+def _pin_malloc_threshold() -> None:
+    """On glibc, pin malloc's mmap threshold at 1 MiB, once per process, so that the budget bounds the RSS.
+
+    glibc raises its mmap threshold to the size of the largest block freed
+    so far (up to 32 MiB); after that, block-sized arrays come from the heap,
+    and the heap fragments as blocks of different lifetimes interleave: the
+    resident set then exceeds what is alive by up to two blocks.  With the
+    threshold pinned, every array above 1 MiB is mapped on its own and given
+    back when freed.  Left alone when ``SDI_KEEP_MALLOC`` is set, or when the
+    threshold was already chosen (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``).
+    """
+    global _malloc_pinned
+    if _malloc_pinned:
+        return
+    _malloc_pinned = True
+    if (not sys.platform.startswith("linux") or os.environ.get("SDI_KEEP_MALLOC")
+            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+# --------------------------------------------------------------------------- non-finite rows
+
+
+def _row_describer(src, side: str):
+    """``row -> text`` naming where a row of ``src`` lives (its shard and example id for a store)."""
+    if hasattr(src, "describe_row"):
+        return src.describe_row
+    ids = getattr(src, "example_ids", None)
+
+    def describe(row: int) -> str:
+        return f"{side} row {row}" + (f" (example id {int(ids[row])})" if ids is not None else "")
+
+    return describe
+
+
+def _ids_of(src):
+    """``indices -> example ids`` of a row source, without materialising all its ids when it can look them up."""
+    if hasattr(src, "ids_at"):
+        return src.ids_at
+    ids = src.example_ids
+    return (lambda idx: idx) if ids is None else (lambda idx: np.asarray(ids)[idx])
+
+
+def refuse_non_finite(xp, tile, offset: int, describe, side: str, rows_per_item: int = 1) -> None:
+    """Raise an :class:`SDIError` naming the rows of ``tile [b, ...]`` whose scores are not all finite.
+
+    A NaN anywhere in a row makes the sum of the tile NaN, so the common case
+    costs one reduction; the row-wise search runs only when that sum is not
+    finite (and finds nothing when the sum merely overflowed).  Row ``r`` of
+    the tile is item ``(offset + r) // rows_per_item`` of the source.
+    """
+    if bool(xp.isfinite(xp.sum(tile))):
+        return
+    flat = xp.reshape(tile, (tile.shape[0], -1))
+    bad = np.flatnonzero(~to_numpy(xp.all(xp.isfinite(flat), axis=1)))
+    if bad.size == 0:
+        return
+    items = sorted({(offset + int(r)) // rows_per_item for r in bad})
+    more = f" ({len(items) - 1} more {side} rows too)" if len(items) > 1 else ""
+    raise SDIError(
+        f"Scores of {describe(items[0])} are not finite{more}: its features hold NaN or inf (or values so large "
+        f"that their products overflow). Refusing to rank with them: such a row would drop out of every top-k "
+        f"unnoticed. Featurise that example again, or drop it from the {side} set."
+    )
+
+
+def _check_query(q: Query, describe) -> None:
+    """Refuse non-finite prepared query features, naming the query row (before any train row is read)."""
+    for g in q.groups:
+        if q.per_step is not None:
+            refuse_non_finite(q.xp, q.per_step[g], 0, describe, "query", q.steps[g])
+        if q.summed is not None:
+            refuse_non_finite(q.xp, q.summed[g], 0, describe, "query")
 
 
 def self_influence_store(
@@ -723,6 +888,7 @@ def self_influence_store(
     namespace and device.  With ``rank``/``world_size`` only that rank's rows
     are returned.
     """
+    _pin_malloc_threshold()
     src = _source(store, "store")
     if normalize not in NORMALIZE:
         raise SDIError(f"self_influence_store(normalize={normalize!r}): expected one of {NORMALIZE}.")
@@ -730,11 +896,12 @@ def self_influence_store(
     etas = [c.eta for c in src.checkpoints]
     stored = sum((1 if src.summed else src.steps[g.name]) * g.width for g in src.layout.groups) * len(etas)
     rows = max(1, budget // max(1, stored * (_source_dtype(src).itemsize + 8 * 2)))
-    per_slot, tracin = [], []
+    per_slot, tracin, describe = [], [], _row_describer(src, "store")
     with _progress(progress, stop - start, "self-influence") as bar:
         for lo, hi, block in src.iter_blocks(int(rows), start, stop):
             xp = array_namespace(*[a for blk in block for a in blk.values()])
             p, t = self_influence_rows(block, etas, per_slot=not src.summed, normalize=normalize, xp=xp, dtype=xp.float64)
+            refuse_non_finite(xp, t, lo, describe, "store")
             per_slot.append(None if p is None else to_numpy(p))
             tracin.append(to_numpy(t))
             bar.update(hi - lo)

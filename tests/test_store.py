@@ -17,7 +17,8 @@ import sdi_core
 from sdi_core import CheckpointInfo, Features, SDIError
 from sdi_core import store as store_mod
 from sdi_core.store import FeatureStore, featurize_to_store, finalize_store, open_store, write_features
-from test_store_helpers import CHECKPOINTS, PARAMS, BatchFeaturizer, assert_same_tree, make_features, make_plan, tree_bytes
+from test_store_helpers import (CHECKPOINTS, PARAMS, ArrayFeaturizer, BatchFeaturizer, array_batches, assert_same_tree,
+                                crash_before_shard, make_features, make_plan, tree_bytes)
 
 from conftest import to_xp
 
@@ -96,7 +97,7 @@ def test_opening_validates_metadata(tmp_path):
         with open(meta_path, "w") as fh:
             json.dump(m, fh)
         try:
-            FeatureStore(st.path)
+            FeatureStore(st.path, verify=False)  # an edited meta.json fails its checksum first (tested below)
         finally:
             with open(meta_path, "w") as fh:
                 json.dump(meta, fh)
@@ -112,6 +113,10 @@ def test_opening_validates_metadata(tmp_path):
     with pytest.raises(SDIError, match="eta"):
         reopen_with(checkpoints=[dict(meta["checkpoints"][0], eta=-1.0), meta["checkpoints"][1]])
     FeatureStore(st.path)  # restored
+    with open(meta_path, "w") as fh:
+        json.dump(dict(meta, split="edited"), fh)
+    with pytest.raises(SDIError, match="meta.json' fails its checksum"):
+        FeatureStore(st.path)
 
 
 def test_missing_or_damaged_files_are_reported(tmp_path):
@@ -125,11 +130,14 @@ def test_missing_or_damaged_files_are_reported(tmp_path):
     data = bytearray(open(arr, "rb").read())
     data[-3] ^= 0xFF  # flip bits of one stored number: same size, different content
     open(arr, "wb").write(bytes(data))
-    FeatureStore(st.path)  # sizes are fine: opening stays cheap
+    damaged = FeatureStore(st.path)  # sizes are fine: opening stays cheap
+    with pytest.raises(SDIError, match="shard 0: ckpt1.loop.npy fails its CRC-32 check"):
+        list(damaged.iter_blocks(2))
     with pytest.raises(SDIError, match="CRC-32"):
-        FeatureStore(st.path, verify=True)
+        FeatureStore(st.path).as_features()
     with pytest.raises(SDIError, match="CRC-32"):
         st.verify()
+    FeatureStore(st.path, verify=False).as_features()  # the opt-out reads what is there
     open(arr, "wb").write(bytes(data[:-8]))
     with pytest.raises(SDIError, match="bytes but .* were committed"):
         FeatureStore(st.path)
@@ -229,6 +237,48 @@ def test_rerun_of_a_finished_store_does_nothing(tmp_path):
     assert tree_bytes(tmp_path / "s") == before
 
 
+def test_resume_after_an_injected_crash_with_other_batches_or_data_is_refused(tmp_path, monkeypatch):
+    _run_arrays(tmp_path / "clean", array_batches(N_ROWS, BATCH))
+    crash_before_shard(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH))
+    monkeypatch.undo()
+    _assert_resumes_refused_then_finishes(tmp_path / "s", tmp_path / "clean", 3)
+
+
+def test_rerun_of_a_finished_store_with_other_batches_or_data_is_refused(tmp_path):
+    _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH))
+    before = tree_bytes(tmp_path / "s")
+    with pytest.raises(SDIError, match=r"shard 0 .* other inputs"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH + 1))
+    with pytest.raises(SDIError, match=r"shard 0 .* other inputs"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH, seed=1))
+    with pytest.raises(SDIError, match="saw 7 shards but an earlier run .* saw 8"):
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH)[:-1])  # a prefix of the data
+    assert tree_bytes(tmp_path / "s") == before
+    again = ArrayFeaturizer()
+    featurize_to_store(tmp_path / "s", again, array_batches(N_ROWS, BATCH), shard_size=1, dtype="float64")
+    assert again.calls == 0 and tree_bytes(tmp_path / "s") == before, "the same run returns the store as it is"
+    replaced = _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH + 1), overwrite=True)
+    assert replaced.n_examples == N_ROWS
+    _run_arrays(tmp_path / "fresh", array_batches(N_ROWS, BATCH + 1))
+    assert_same_tree(tmp_path / "fresh", tmp_path / "s")
+
+
+def test_a_run_records_its_configuration_and_refuses_another(tmp_path):
+    base = {"backend": "numpy", "batch_size": 4, "sketch": {"dim": 32, "seed": 0}}
+    _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH), config=base)
+    assert open_store(tmp_path / "s").meta["run"] == base
+    other = {"backend": "torch", "batch_size": 4, "sketch": {"dim": 64, "seed": 0}, "tau": 3}
+    with pytest.raises(SDIError) as exc:
+        _run_arrays(tmp_path / "s", array_batches(N_ROWS, BATCH), config=other, summed=True)
+    msg = str(exc.value)
+    for field in ("run.backend: 'numpy' vs 'torch'", "run.sketch.dim: 32 vs 64", "run.tau: (absent) vs 3",
+                  "step-summed flag differs", "--overwrite"):
+        assert field in msg, f"{field!r} not named in: {msg}"
+    assert "run.batch_size" not in msg and "run.sketch.seed" not in msg, msg
+
+
 @pytest.mark.parametrize("consolidate", [True, False])
 def test_resume_after_a_raise_is_bit_identical(tmp_path, consolidate):
     clean = BatchFeaturizer(SIZES)
@@ -263,7 +313,7 @@ def test_half_written_shards_are_never_read(tmp_path, monkeypatch):
         return real_write(path, parts, dtype, shape)
 
     monkeypatch.setattr(store_mod, "_write_npy", dying_write)
-    with pytest.raises(OSError, match="simulated crash while writing"):
+    with pytest.raises(SDIError, match="shard 2: simulated crash while writing"):
         _run(tmp_path / "s", BatchFeaturizer(SIZES), consolidate=False)
     monkeypatch.setattr(store_mod, "_write_npy", real_write)
     assert [s.index for s in open_store(tmp_path / "s", partial=True).segments] == [0, 1]
@@ -277,7 +327,7 @@ def test_half_written_shards_are_never_read(tmp_path, monkeypatch):
         return real_atomic(root, dest, data)
 
     monkeypatch.setattr(store_mod, "_atomic_write", dying_marker)
-    with pytest.raises(OSError, match="simulated crash before commit"):
+    with pytest.raises(SDIError, match="simulated crash before commit"):
         _run(tmp_path / "s", BatchFeaturizer(SIZES), consolidate=False)
     monkeypatch.setattr(store_mod, "_atomic_write", real_atomic)
     assert os.path.isdir(tmp_path / "s" / "shards" / "000002"), "the uncommitted shard folder is in place"
@@ -294,18 +344,42 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, sys.argv[2])
-    from test_store_helpers import BatchFeaturizer
+    from test_store_helpers import ArrayFeaturizer, array_batches
     from sdi_core.store import featurize_to_store
 
-    class Slow(BatchFeaturizer):
+    class Slow(ArrayFeaturizer):
         def __call__(self, batch_list):
             time.sleep(float(sys.argv[3]))
             return super().__call__(batch_list)
 
-    sizes = [5, 3, 4, 6, 2, 5, 4]
-    featurize_to_store(sys.argv[1], Slow(sizes), list(range(len(sizes))), shard_size=1, dtype="float64")
+    featurize_to_store(sys.argv[1], Slow(), array_batches(29, 4), shard_size=1, dtype="float64")
     """
 )
+N_ROWS, BATCH = 29, 4  # 8 batches of array inputs (the last one short)
+
+
+def _run_arrays(path, batches, **kw):
+    return featurize_to_store(path, ArrayFeaturizer(), batches, shard_size=kw.pop("shard_size", 1), dtype="float64",
+                              **kw)
+
+
+def _assert_resumes_refused_then_finishes(target, clean, committed: int) -> None:
+    """A resume with other batch boundaries or other data is refused; the true resume ends bit-identical."""
+    before = tree_bytes(target)
+    with pytest.raises(SDIError, match=r"shard 0 \(batches 0..0\) was featurised from other inputs"):
+        _run_arrays(target, array_batches(N_ROWS, BATCH + 1))
+    changed = array_batches(N_ROWS, BATCH)
+    changed[0] = {"x": changed[0]["x"] + 1e-9, "ids": changed[0]["ids"]}  # same size, other values
+    with pytest.raises(SDIError, match="from other inputs than this run's: the data"):
+        _run_arrays(target, changed)
+    after = tree_bytes(target)
+    assert {p: b for p, b in after.items() if ".sdi-lock" not in p} == {p: b for p, b in before.items()
+                                                                          if ".sdi-lock" not in p}, \
+        "a refused resume must leave the store as it was"
+    resumed = ArrayFeaturizer()
+    featurize_to_store(target, resumed, array_batches(N_ROWS, BATCH), shard_size=1, dtype="float64")
+    assert resumed.calls == -(-N_ROWS // BATCH) - committed, "only unfinished shards are featurised again"
+    assert_same_tree(clean, target)
 
 
 def _committed(path) -> int:
@@ -317,8 +391,7 @@ def _committed(path) -> int:
 
 @pytest.mark.parametrize("kill_after", [2, 4])
 def test_resume_after_killing_a_subprocess_is_bit_identical(tmp_path, kill_after):
-    clean = BatchFeaturizer(SIZES)
-    _run(tmp_path / "clean", clean, shard_size=1)
+    _run_arrays(tmp_path / "clean", array_batches(N_ROWS, BATCH))
     script = tmp_path / "featurize.py"
     script.write_text(_KILL_SCRIPT)
     target = tmp_path / "s"
@@ -336,11 +409,10 @@ def test_resume_after_killing_a_subprocess_is_bit_identical(tmp_path, kill_after
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     done = _committed(target)
-    assert kill_after <= done < len(SIZES), f"{done} shards committed when killed"
-    resumed = BatchFeaturizer(SIZES)
-    _run(target, resumed, shard_size=1)
-    assert len(resumed.seen) == len(SIZES) - done, "only unfinished shards are featurised again"
-    assert_same_tree(tmp_path / "clean", target)
+    n_shards = -(-N_ROWS // BATCH)
+    assert kill_after <= done < n_shards, f"{done} shards committed when killed"
+    assert os.path.exists(target / ".sdi-lock-0"), "the killed writer leaves its lock behind"
+    _assert_resumes_refused_then_finishes(target, tmp_path / "clean", done)  # the stale lock is taken over
 
 
 def test_resume_with_other_settings_names_the_field(tmp_path):
@@ -356,13 +428,16 @@ def test_resume_with_other_settings_names_the_field(tmp_path):
         _run(tmp_path / "s", BatchFeaturizer(SIZES, plan=make_plan(seed=7)))
     with pytest.raises(SDIError, match="step counts differ"):
         _run(tmp_path / "s", BatchFeaturizer(SIZES, tau=4))
-    with pytest.raises(SDIError, match="saw 4 shards but an earlier run .* saw"):
-        fz = BatchFeaturizer(SIZES)
-        featurize_to_store(tmp_path / "s", fz, list(range(len(SIZES))), shard_size=2, dtype="float64")
-        featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(3)), shard_size=2, dtype="float64",
-                           consolidate=False)
+    fz = BatchFeaturizer(SIZES)
+    featurize_to_store(tmp_path / "s", fz, list(range(len(SIZES))), shard_size=2, dtype="float64")
+    featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(3)), shard_size=2, dtype="float64",
+                       consolidate=False)
+    with pytest.raises(SDIError, match=r"shard 1 \(batches 2..3\) was featurised from other inputs"):
         featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(7)), shard_size=2, dtype="float64",
                            consolidate=False)
+    with pytest.raises(SDIError, match="saw 4 shards but an earlier run .* saw 2"):
+        featurize_to_store(tmp_path / "s2", BatchFeaturizer(SIZES), list(range(7)), shard_size=2, dtype="float64",
+                           consolidate=False, fingerprint=None)
 
 
 def test_featurize_to_store_argument_errors(tmp_path):
@@ -447,32 +522,30 @@ def test_stores_of_one_checkpoint_each_combine(tmp_path):
         store_mod.combine_checkpoints(tmp_path / "bad2", [parts[0], per_step])
 
 
-def _rss_file_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("RssFile:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no RssFile in /proc/self/status")
+    raise AssertionError(f"no {field} in /proc/self/status")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status") or not sys.platform.startswith("linux"),
-                    reason="resident-set accounting read from Linux /proc")
-def test_streaming_releases_the_pages_it_read(tmp_path):
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs") or not sys.platform.startswith("linux"),
+                    reason="peak resident set read from Linux /proc (VmHWM, reset through clear_refs)")
+def test_streaming_holds_only_the_blocks_it_reads(tmp_path):
     from sdi_core import ParamInfo, SketchPlan, TensorSketch
 
     plan = SketchPlan(TensorSketch(dim=1024, seed=0), [ParamInfo("block.w", (64, 64), "loop")])
     rows = np.random.default_rng(0).standard_normal((12_000, 1, 1024), dtype=np.float32)  # 47 MiB
     f = Features([{"loop": rows}], plan.layout, (CHECKPOINTS[0],), {"loop": 2}, summed=True)
     write_features(tmp_path / "big", f)
-    grown = {}
-    for release in (False, True):
-        st = open_store(tmp_path / "big")
-        before = _rss_file_kib()
-        total = 0.0
-        for _, _, blocks in st.iter_blocks(1000, release=release):
-            total += float(blocks[0]["loop"][:, 0, ::256].sum())
-        grown[release] = _rss_file_kib() - before
-        assert total == pytest.approx(float(rows[:, 0, ::256].sum(dtype=np.float64)), rel=1e-4)
-        del st
-    assert grown[False] > 30_000, f"reading without release should keep the pages mapped ({grown})"
-    assert grown[True] < 10_000, f"released blocks must leave the resident set ({grown} KiB)"
+    st = open_store(tmp_path / "big")
+    total = 0.0
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak to the current resident set
+    for _, _, blocks in st.iter_blocks(1000):  # 3.9 MiB per block
+        total += float(blocks[0]["loop"][:, 0, ::256].sum())
+    grown = _status_kib("VmHWM") - before
+    assert total == pytest.approx(float(rows[:, 0, ::256].sum(dtype=np.float64)), rel=1e-4)
+    assert grown < 12_000, f"a streamed pass over 47 MiB in 3.9 MiB blocks grew the peak resident set by {grown} KiB"

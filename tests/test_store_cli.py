@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -129,7 +130,8 @@ def test_torch_backend_writes_the_numpy_backend_store(tmp_path):
     assert _sdi("featurize", *common, "--out", tmp_path / "np") == 0
     assert _sdi("featurize", *common, "--out", tmp_path / "torch", "--backend", "torch", "--torch-dtype", "float64") == 0
     a, b = open_store(tmp_path / "np"), open_store(tmp_path / "torch")
-    assert a.meta == b.meta
+    assert {k: v for k, v in a.meta.items() if k != "run"} == {k: v for k, v in b.meta.items() if k != "run"}
+    assert (a.meta["run"]["backend"], b.meta["run"]["backend"]) == ("numpy", "torch")
     np.testing.assert_allclose(b.as_features().data[0]["loop"], a.as_features().data[0]["loop"],
                                rtol=1e-10, atol=1e-12)
 
@@ -184,3 +186,141 @@ def test_argparse_rejects_unknown_choices(capsys):
         _sdi("featurize", "--demo", "train", "--out", "x", "--backend", "tensorflow")
     assert exc.value.code == 2
     assert "invalid choice: 'tensorflow'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a run is its configuration
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    """Model, two checkpoints and two data files of the same size for `sdi featurize --model ...`."""
+    root = tmp_path_factory.mktemp("run_inputs")
+    fields = {"vocab_size": 9, "d_model": 8, "n_heads": 2, "tau": 2, "max_len": 6, "n_prelude": 1}
+    (root / "model.json").write_text(json.dumps(fields))
+    config = LoopedConfig(**fields)
+    for i in (0, 1):
+        np.savez(root / f"ckpt{i}.npz", **init_weights(config, seed=i + 1))
+        rng = np.random.default_rng(i)
+        tokens = rng.integers(0, 9, size=(24, 6))
+        np.savez(root / f"data{i}.npz", tokens=tokens, targets=np.where(rng.random((24, 6)) < 0.5, tokens, -100))
+    return root
+
+
+def _featurize_args(inputs, out, **changes):
+    opts = {"--model": inputs / "model.json", "--checkpoint": inputs / "ckpt0.npz", "--data": inputs / "data0.npz",
+            "--out": out, "--batch-size": "4", "--shard-size": "2", "--sketch-dim": "32", "--dtype": "float64",
+            "--groups": "loop"}
+    flags = []
+    for k, v in changes.items():
+        if v is True:
+            flags.append(k)
+        else:
+            opts[k] = v
+    return ["featurize", *[x for kv in opts.items() for x in kv], *flags]
+
+
+CHANGES = [
+    ({"--sketch-dim": "64"}, "run.sketch.dim: 32 vs 64"),
+    ({"--seed": "1"}, "run.sketch.seed: 0 vs 1"),
+    ({"--groups": "prelude,loop"}, "run.groups: ['loop'] vs ['prelude', 'loop']"),
+    ({"--tau": "3"}, "run.tau: None vs 3"),
+    ({"--eta": "0.5"}, "run.checkpoints"),
+    ({"--checkpoint": "ckpt1.npz"}, "run.checkpoints"),
+    ({"--data": "data1.npz"}, "run.data.fingerprint"),
+    ({"--batch-size": "3"}, "run.batch_size: 4 vs 3"),
+    ({"--shard-size": "3"}, "shard size (batches per shard) differs: 2 vs 3"),
+    ({"--dtype": "float32"}, "dtype differs: 'float64' vs 'float32'"),
+    ({"--summed": True}, "step-summed flag differs: False vs True"),
+    ({"--split": "other"}, "split differs: None vs 'other'"),
+    ({"--backend": "torch"}, "run.backend: 'numpy' vs 'torch'"),
+]
+
+
+def _resolve(inputs, changes):
+    return {k: (inputs / v if k in ("--checkpoint", "--data") else v) for k, v in changes.items()}
+
+
+@pytest.mark.parametrize("changes,named", CHANGES, ids=[next(iter(c)) for c, _ in CHANGES])
+@pytest.mark.parametrize("when", ["rerun", "resume"])
+def test_a_changed_setting_is_refused_on_rerun_and_on_resume(run_inputs, tmp_path, monkeypatch, capsys, changes,
+                                                            named, when):
+    if "--backend" in changes:
+        pytest.importorskip("torch")
+        pytest.importorskip("sdi_torch.models")
+    out = tmp_path / "s"
+    if when == "rerun":
+        assert _sdi(*_featurize_args(run_inputs, out)) == 0
+    else:
+        from test_store_helpers import crash_before_shard
+
+        crash_before_shard(monkeypatch, 1)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _sdi(*_featurize_args(run_inputs, out))
+        monkeypatch.undo()
+    capsys.readouterr()
+    assert _sdi(*_featurize_args(run_inputs, out, **_resolve(run_inputs, changes))) == 2
+    err = capsys.readouterr().err
+    assert "was written by a different run" in err and named in err and "--overwrite" in err, err
+    if when == "resume":  # the original command still resumes, and --overwrite replaces the store
+        assert _sdi(*_featurize_args(run_inputs, out)) == 0
+    assert _sdi(*_featurize_args(run_inputs, out, **_resolve(run_inputs, changes), **{"--overwrite": True})) == 0
+    assert _sdi(*_featurize_args(run_inputs, tmp_path / "fresh", **_resolve(run_inputs, changes))) == 0
+    fresh, replaced = open_store(tmp_path / "fresh"), open_store(out)
+    assert fresh.meta == replaced.meta
+    np.testing.assert_array_equal(fresh.as_features().data[0]["loop"], replaced.as_features().data[0]["loop"])
+
+
+def test_every_differing_setting_is_named_at_once(run_inputs, tmp_path, capsys):
+    assert _sdi(*_featurize_args(run_inputs, tmp_path / "s")) == 0
+    capsys.readouterr()
+    assert _sdi(*_featurize_args(run_inputs, tmp_path / "s", **{"--seed": "2", "--batch-size": "5",
+                                                                 "--data": run_inputs / "data1.npz"})) == 2
+    err = capsys.readouterr().err
+    for named in ("run.sketch.seed: 0 vs 2", "run.batch_size: 4 vs 5", "run.data.fingerprint"):
+        assert named in err, err
+
+
+def test_outputs_are_checked_before_any_work(demo_stores, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from sdi_core import _io, cli_store
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output location was checked")
+
+    monkeypatch.setattr(cli_store, "numpy_reference_featurizer", no_work)
+    monkeypatch.setattr("sdi_core.scoring.score_store", no_work)
+    (tmp_path / "file").write_text("x")
+    assert _sdi("featurize", "--demo", "train", "--out", tmp_path / "file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert _sdi("score", demo_stores / "train", demo_stores / "query", "--out", tmp_path / "file" / "x.npz") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if os.fspath(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, *args)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(_io.os, "open", read_only)
+    for argv in (["featurize", "--demo", "train", "--out", tmp_path / "ro"],
+                 ["score", demo_stores / "train", demo_stores / "query", "--out", tmp_path / "ro" / "s.npz"]):
+        assert _sdi(*argv) == 2
+        err = capsys.readouterr().err
+        assert "Read-only file system [EROFS]" in err and "choose a writable location" in err, err
+    assert _sdi("featurize", "--demo", "train", "--out", tmp_path / "new", "--batch-size", "0") == 2
+    assert not (tmp_path / "new").exists(), "a refused command creates nothing"
+
+
+def test_sdi_run_checks_its_output_before_training(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    import sdi_torch.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before --out was checked")
+
+    monkeypatch.setattr(sdi_torch.train, "train", no_training)
+    (tmp_path / "file").write_text("x")
+    assert _sdi("run", "--quick", "--quiet", "--out", tmp_path / "file") == 2
+    assert "--out" in capsys.readouterr().err

@@ -100,3 +100,47 @@ def count_calls(monkeypatch, owner, name: str) -> dict:
 
     monkeypatch.setattr(owner, name, counting)
     return counts
+
+
+def array_batches(n: int, batch_size: int, *, seed: int = 0, shift: float = 0.0) -> list[dict]:
+    """``n`` input rows ``{"x": [b, 5] float64, "ids": [b]}`` cut into batches of ``batch_size`` (the data of a run)."""
+    x = np.random.default_rng(seed).standard_normal((n, 5)) + shift
+    ids = 500 + np.arange(n)
+    return [{"x": x[a : a + batch_size], "ids": ids[a : a + batch_size]} for a in range(0, n, batch_size)]
+
+
+class ArrayFeaturizer:
+    """``featurize_fn`` whose features are a fixed function of the batch inputs (so other data gives other features)."""
+
+    def __init__(self, *, tau: int = 3, plan: SketchPlan | None = None):
+        self.plan = plan or make_plan()
+        self.tau = tau
+        self.calls = 0
+
+    def __call__(self, batch_list):
+        self.calls += 1
+        x = np.concatenate([b["x"] for b in batch_list])
+        ids = np.concatenate([b["ids"] for b in batch_list])
+        steps = {g.name: (self.tau if g.name == "loop" else 1) for g in self.plan.layout.groups}
+        data = []
+        for k, _ in enumerate(CHECKPOINTS):
+            block = {}
+            for g in self.plan.layout.groups:
+                proj = np.random.default_rng(7 + k).standard_normal((5, steps[g.name] * g.width))
+                block[g.name] = (np.tanh(x) @ proj).reshape(len(x), steps[g.name], g.width)
+            data.append(block)
+        return Features(data, self.plan.layout, CHECKPOINTS, steps, example_ids=ids)
+
+
+def crash_before_shard(monkeypatch, index: int) -> None:
+    """Make the store raise ``RuntimeError("simulated crash ...")`` instead of writing shard ``index``."""
+    from sdi_core import store
+
+    real = store._write_shard
+
+    def dying(root, i, *args):
+        if i == index:
+            raise RuntimeError(f"simulated crash before shard {index}")
+        return real(root, i, *args)
+
+    monkeypatch.setattr(store, "_write_shard", dying)

@@ -184,10 +184,12 @@ def test_budget_too_small_or_dense_too_big_is_refused(stores):
     query = _query()
     with pytest.raises(SDIError, match="Memory budget 1000 bytes is too small"):
         score_store(stores["summed"], query, k=3, budget=1000)
-    big_query = _query(n=400)  # step matrix: 42 x 400 x 5 x 6 float64 = 4 MB; query side 1.6 MB
+    big_query = _query(n=400)  # step matrix: 42 x 400 x 5 x 6 float64 = 4 MB; query side 1.9 MB, 4.5 MB while prepared
     with pytest.raises(SDIError, match="too small: the query side and dense outputs take .*drop dense"):
-        score_store(stores["per_step"], big_query, k=3, budget="4MiB", dense=("step_matrix",))
-    score_store(stores["per_step"], big_query, k=3, budget="4MiB")  # fits without the dense output
+        score_store(stores["per_step"], big_query, k=3, budget="5MiB", dense=("step_matrix",))
+    score_store(stores["per_step"], big_query, k=3, budget="5MiB")  # fits without the dense output
+    with pytest.raises(SDIError, match="preparing the query side .* takes 4505600 bytes"):
+        score_store(stores["per_step"], big_query, k=3, budget="4MiB")
 
 
 @pytest.mark.parametrize("text,expected", [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1e6", 10**6),

@@ -152,6 +152,9 @@ def featurize_to_store(
     split: str | None = None,
     consolidate: bool = True,
     progress: bool = False,
+    config=None,
+    fingerprint=_store.batch_fingerprint,
+    verify: bool = True,
 ) -> _store.FeatureStore:
     """Featurise ``batches`` into a store, each batch sharded over this process's devices.
 
@@ -163,12 +166,13 @@ def featurize_to_store(
     fn = ShardedFeaturizer(attributor, checkpoints, devices=devices, ids_key=ids_key)
     rank, world = jax.process_index(), jax.process_count()
     _store.featurize_to_store(path, fn, batches, shard_size=shard_size, summed=summed, dtype=dtype, split=split,
-                              rank=rank, world_size=world, consolidate=consolidate and world == 1, progress=progress)
+                              rank=rank, world_size=world, consolidate=consolidate and world == 1, progress=progress,
+                              config=config, fingerprint=fingerprint, verify=verify)
     if world > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("sdi featurize_to_store: shards written")
         if rank == 0:
-            _store.finalize_store(path, consolidate=consolidate)
+            _store.finalize_store(path, consolidate=consolidate, verify=verify)
         multihost_utils.sync_global_devices("sdi featurize_to_store: store finalised")
     return _store.FeatureStore(path)

@@ -323,6 +323,13 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> CheckpointInfo:
             f"Checkpoint source must be a path or a state_dict (a mapping of names to tensors), got {type(src).__name__}."
         )
     lr = src.get("lr") if not isinstance(src.get("lr"), torch.Tensor) else float(src["lr"])
+    if ckpt.eta is None and lr is not None and not (
+            isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf")):  # NaN fails too
+        raise SDIError(
+            f"Checkpoint {ckpt.name or path or '(state_dict)'} records lr={lr!r}, which is not a finite positive "
+            "number and cannot be TracIn's eta. Pass the learning rate explicitly (Checkpoint(..., eta=...)) or "
+            "fix the checkpoint."
+        )
     step = src.get("step")
     state = src
     for key in ("state_dict", "model"):
@@ -343,6 +350,7 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> CheckpointInfo:
         got = state[k]
         if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(v.shape):
             raise SDIError(f"Checkpoint tensor {k!r} has shape {tuple(got.shape)}, the model expects {tuple(v.shape)}.")
+    path = None  # a file is identified by the weights it holds now (an overwritten file gets a new id), not its path
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     eta = ckpt.eta

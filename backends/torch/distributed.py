@@ -99,6 +99,9 @@ def featurize_to_store(
     split: str | None = None,
     consolidate: bool = True,
     progress: bool = False,
+    config=None,
+    fingerprint=_store.batch_fingerprint,
+    verify: bool = True,
     group=None,
 ) -> _store.FeatureStore:
     """Every rank writes its shards of one store; rank 0 finalises it; every rank returns it.
@@ -113,7 +116,7 @@ def featurize_to_store(
     try:
         _store.featurize_to_store(path, featurize_fn, batches, shard_size=shard_size, summed=summed, dtype=dtype,
                                   split=split, rank=rank, world_size=world, consolidate=consolidate and world == 1,
-                                  progress=progress)
+                                  progress=progress, config=config, fingerprint=fingerprint, verify=verify)
     except BaseException as exc:  # reported to every rank before anyone waits on a collective
         err = exc
     _raise_if_any_failed(err, "featurize_to_store", group)
@@ -121,7 +124,7 @@ def featurize_to_store(
         err = None
         if rank == 0:
             try:
-                _store.finalize_store(path, consolidate=consolidate)
+                _store.finalize_store(path, consolidate=consolidate, verify=verify)
             except BaseException as exc:
                 err = exc
         _raise_if_any_failed(err, "finalize_store", group)

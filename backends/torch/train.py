@@ -132,8 +132,13 @@ class SavedCheckpoint:
     lr: float
 
     def checkpoint(self, eta: float | None = None) -> Checkpoint:
-        """An :class:`sdi_core.Checkpoint` of this file (``eta`` defaults to the recorded ``lr``)."""
-        return Checkpoint(str(self.path), eta=self.lr if eta is None else eta, name=self.path.name, step=self.step)
+        """An :class:`sdi_core.Checkpoint` of this file (``eta`` defaults to the recorded ``lr``).
+
+        Unnamed, so that its id is a hash of the weights the file holds when it is loaded: a file
+        overwritten between featurising the train and the query side is not mistaken for the same
+        checkpoint.
+        """
+        return Checkpoint(str(self.path), eta=self.lr if eta is None else eta, step=self.step)
 
 
 @dataclass
