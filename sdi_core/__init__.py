@@ -8,6 +8,7 @@ from .features import Checkpoint, CheckpointInfo, Features
 from .countsketch import HashTable, countsketch
 from .sketch import choose_route, outer_features
 from .engine import SketchEngine, StreamingSketcher, sketch_uses, use_features
+from .weights import checkpoint_id
 from .algebra import InfluenceResult, TopK, influence, self_influence
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "StreamingSketcher",
     "TensorSketch",
     "TopK",
+    "checkpoint_id",
     "choose_route",
     "countsketch",
     "influence",

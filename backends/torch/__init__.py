@@ -18,7 +18,7 @@ import importlib
 _EXPORTS = {
     "Attributor": "attributor",
     "load_checkpoint": "attributor",
-    "weights_hash": "attributor",
+    "ModelSession": "attributor",
     "FactorCapture": "capture",
     "capture_factors": "capture",
     "resolve_selection": "selection",
