@@ -290,7 +290,7 @@ class Kernels:
         """Summed exact-then-hash: add the per-example gradient ``[B, R' * C]``; it is hashed at finalize."""
         cols = su.activation.shape[-1]
         r0, r1 = su.row_slice
-        flat = outer_flat(su.grad_output[:, 0], su.activation[:, 0])
+        flat = outer_flat(su.grad_output[:, 0, ...], su.activation[:, 0, ...])
         return self._add_to(state, ("gram", spec.param.name, r0 * cols, r1 * cols), flat)
 
     def flush(self, state: EngineState) -> EngineState:
@@ -377,7 +377,7 @@ class _InPlaceSlots(Kernels):
         cols = su.activation.shape[-1]
         r0, r1 = su.row_slice
         key = ("gram", spec.param.name, r0 * cols, r1 * cols)
-        flat = outer_flat(su.grad_output[:, 0], su.activation[:, 0])
+        flat = outer_flat(su.grad_output[:, 0, ...], su.activation[:, 0, ...])
         if key in state.arrays:
             state.arrays[key] += flat
         else:
@@ -729,11 +729,12 @@ class SketchEngine:
         shape = (n, t, g.shape[-1], a.shape[-1], spec.width, spec.param.matrix_shape, state.summed)
         key = (kernels.name, str(state.device), str(state.dtype), shape)
         prior = choose_route(n, t, g.shape[-1], a.shape[-1], spec.width)
-        hit = _ROUTE_CACHE.get(key)
-        if hit is None and self.time_routes:
-            hit = _ROUTE_CACHE[key] = self._time(kernels, state, su, spec, prior)
-        if hit is None:
+        if not self.time_routes:
             hit = (prior, "prior", None)
+        else:
+            hit = _ROUTE_CACHE.get(key)
+            if hit is None:
+                hit = _ROUTE_CACHE[key] = self._time(kernels, state, su, spec, prior)
         route, source, seconds = hit
         self._routes[name] = {"route": route, "source": source, "prior": prior}
         if seconds:

@@ -202,7 +202,7 @@ class Attributor:
         fn = self._fns.get(key)
         if fn is None:
             if kind == "features":
-                fn = _make_features_fn(cap, self.engine(params, batch), bool(summed))
+                fn = _capture_and_sketch(cap, self.engine(params, batch), bool(summed))
             else:
                 fn = lambda p, b: run_capture(cap, p, b)  # noqa: E731
             if self.jit:
@@ -374,7 +374,7 @@ def _as_checkpoints(checkpoints) -> list[Checkpoint]:
     return out
 
 
-def _make_features_fn(cap: CapturePlan, engine: SketchEngine, summed: bool):
+def _capture_and_sketch(cap: CapturePlan, engine: SketchEngine, summed: bool):
     """The pure per-batch featurisation: params, batch -> ({group: [B, S_g, D_g]}, loss [B])."""
     leaf_to_name = {v: k for k, v in cap.leaf_index.items()}
 
