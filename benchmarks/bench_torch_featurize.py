@@ -23,6 +23,7 @@ and after; above ``--load-limit`` (0.5) it is marked invalid.
 
     python benchmarks/bench_torch_featurize.py --repeats 5   # issue configuration (a few minutes)
     python benchmarks/bench_torch_featurize.py --quick        # small configuration, seconds
+    python benchmarks/bench_torch_featurize.py --device cuda --dtype bfloat16 --out r.json   # on a GPU
 
 Results go to ``benchmarks/results/torch_featurize.json`` (``torch_featurize_quick.json`` with ``--quick``).
 """
@@ -55,6 +56,8 @@ def parse(argv):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {FULL[key]}")
     ap.add_argument("--dims", default=None, help=f"sketch dimensions m (default {FULL['dims']})")
     ap.add_argument("--route", default="auto", choices=("auto", "exact_hash", "fft"), help="TensorSketch route")
+    ap.add_argument("--device", default="cpu", help="torch device (cuda: times synchronise; memory is CUDA memory)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"), help="model dtype")
     ap.add_argument("--out", default=None, help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -77,15 +80,19 @@ def candidates(args):
     torch.manual_seed(0)
     config = LoopedConfig(vocab_size=args.vocab, d_model=args.d_model, n_heads=args.heads, tau=args.tau,
                           max_len=args.seq)
-    model = LoopedGPT(config).float().eval()
+    device = torch.device(args.device)
+    model = LoopedGPT(config).to(device=device, dtype=getattr(torch, args.dtype)).eval()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    batch = {"tokens": tokens, "targets": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)}
+    batch = {"tokens": tokens.to(device),
+             "targets": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         per_example_loss(model, batch).sum().backward()
         model.zero_grad(set_to_none=True)
+        sync()
 
     out = {"fwd_bwd": fwd_bwd}
     attrs = {}
@@ -94,8 +101,20 @@ def candidates(args):
         for side, summed in (("per_step", False), ("summed", True)):
             attr = sdi_torch.Attributor(model, model.block, per_example_loss, sketch, progress=False)
             attrs[f"{side} m={m}"] = attr
-            out[f"{side} m={m}"] = (lambda a=attr, s=summed: a.featurize([batch], progress=False, summed=s))
+            out[f"{side} m={m}"] = (lambda a=attr, s=summed: (a.featurize([batch], progress=False, summed=s), sync()))
     return out, attrs
+
+
+def cuda_peak(fn) -> int:
+    """CUDA memory a call allocates above what was allocated before it (bytes)."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def profile_top(fn, n=15) -> list[str]:
@@ -126,9 +145,11 @@ def measure(args, what: str) -> dict:
         out["routes"] = {name: a.engine.routes() for name, a in attrs.items()}
         out["profile_top_tottime"] = profile_top(cands[f"per_step m={max(args.dims)}"])
     else:
+        peak = cuda_peak if args.device.startswith("cuda") else (lambda fn: common.peak_memory(fn)[1])
         peaks = {}
         for name, fn in cands.items():
-            peaks[name] = [common.peak_memory(fn)[1] for _ in range(3)]
+            peaks[name] = [peak(fn) for _ in range(3)]
+        out["memory_kind"] = "CUDA allocated bytes" if args.device.startswith("cuda") else "resident set size"
         med = {k: (None if None in v else statistics.median(v)) for k, v in peaks.items()}
         out["peak_bytes"] = peaks
         out["peak_median_mib"] = {k: common.mib(v) for k, v in med.items()}
@@ -159,7 +180,7 @@ def combine(args, argv, time_part: dict, memory_part: dict) -> dict:
         "command": common.command_line(__file__, argv),
         "config": {"d_model": args.d_model, "heads": args.heads, "tau": args.tau, "seq": args.seq,
                    "vocab": args.vocab, "batch": args.batch, "dims": args.dims, "route": args.route,
-                   "repeats": args.repeats, "threads": args.threads, "dtype": "float32",
+                   "repeats": args.repeats, "threads": args.threads, "dtype": args.dtype, "device": args.device,
                    "selection": "loop=model.block (whole loop body)", "quick": args.quick},
         "targets": TARGETS,
         "valid": valid,

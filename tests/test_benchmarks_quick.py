@@ -32,6 +32,7 @@ SCRIPTS = {
 TESTED_ELSEWHERE = {
     "bench_routes.py": "tests/test_bench_routes.py",
     "bench_torch_featurize.py": "tests/test_torch_bench.py",
+    "gpu_check.py": "tests/test_gpu_check.py",
     "common.py": "a helper module, not a script",
 }
 
