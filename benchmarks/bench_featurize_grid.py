@@ -283,14 +283,9 @@ def merge(time_part, memory_part) -> list[dict]:
 
 def main(argv=None):
     args = parse(argv)
-    if args.measure != "both":
-        part = measure(args, args.measure)
-        if args.json_out:
-            common.write_json(args.json_out, part)
-            return part
-        parts = {"time": part if args.measure == "time" else None, "memory": part if args.measure == "memory" else None}
-    else:
-        parts = common.measure_separately(__file__, argv)
+    parts = common.run_measurements(__file__, argv, args, measure)
+    if parts is None:  # a child process of --measure both: its part is written
+        return {}
     rows = merge(parts["time"], parts["memory"])
     cols = [("backend", "backend", ""), ("d_model", "d_model", ""), ("tau", "tau", ""), ("batch", "B", ""),
             ("m", "m", ""), ("fwd_bwd_s", "fwd+bwd s", ".3f"), ("time_ratio", "auto", ".2f"),

@@ -123,14 +123,9 @@ def measure(args, what: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    if args.measure != "both":
-        part = measure(args, args.measure)
-        if args.json_out:
-            common.write_json(args.json_out, part)
-            return part
-        parts = {"time": part if args.measure == "time" else None, "memory": part if args.measure == "memory" else None}
-    else:
-        parts = common.measure_separately(__file__, argv)
+    parts = common.run_measurements(__file__, argv, args, measure)
+    if parts is None:  # a child process of --measure both: its part is written
+        return {}
     rows = []
     for form in args.forms:
         t = parts["time"]["results"][form]["summary"] if parts["time"] else None

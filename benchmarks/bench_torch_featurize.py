@@ -194,14 +194,9 @@ def combine(args, argv, time_part: dict, memory_part: dict) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    if args.measure != "both":
-        part = measure(args, args.measure)
-        if args.json_out:  # a child of a --measure both run
-            common.write_json(args.json_out, part)
-            return part
-        parts = {"time": part if args.measure == "time" else None, "memory": part if args.measure == "memory" else None}
-    else:
-        parts = common.measure_separately(__file__, argv)
+    parts = common.run_measurements(__file__, argv, args, measure)
+    if parts is None:  # a child process of --measure both: its part is written
+        return {}
     res = combine(args, argv, parts["time"], parts["memory"])
     out = args.out or common.results_path(args.out_dir, "torch_featurize", args.quick)
     common.write_json(out, res)

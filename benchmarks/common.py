@@ -238,6 +238,22 @@ def measure_separately(script: str, argv: Sequence[str] | None) -> dict[str, dic
     return out
 
 
+def run_measurements(script: str, argv: Sequence[str] | None, args, measure: Callable[[Any, str], dict]):
+    """The ``--measure`` protocol of a script: ``{"time": payload or None, "memory": payload or None}``.
+
+    ``--measure both`` runs ``script`` twice in fresh processes (:func:`measure_separately`);
+    ``--measure time|memory`` calls ``measure(args, what)`` here.  In a child
+    (``--json-out`` given) the payload is written there and None is returned.
+    """
+    if args.measure == "both":
+        return measure_separately(script, argv)
+    part = measure(args, args.measure)
+    if args.json_out:
+        write_json(args.json_out, part)
+        return None
+    return {"time": part if args.measure == "time" else None, "memory": part if args.measure == "memory" else None}
+
+
 def report_validity(validity: Mapping[str, Any]) -> None:
     """Print a loud line when a run is invalid."""
     if not validity.get("valid"):

@@ -9,6 +9,7 @@ from .countsketch import HashTable, countsketch
 from .sketch import choose_route, outer_features
 from .engine import SketchEngine, StreamingSketcher, sketch_uses, use_features
 from .weights import checkpoint_id
+from . import driver
 from .algebra import InfluenceResult, TopK, influence, self_influence
 
 __version__ = "0.1.0"
