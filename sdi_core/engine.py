@@ -754,7 +754,8 @@ class SketchEngine:
         scratch = SketchEngine(_one_param_plan(spec, self.plan.sketch), method=self.method, time_routes=False)
         scratch.workspace = self.workspace
         scratch_kernels = scratch.kernels(kernels.xp)
-        n_slots = state.n_slots(spec.param.group, {spec.param.group: max(su.steps) + 1})
+        scratch_steps = tuple(range(len(su.steps)))  # as few slots as the use needs: the cost is per use
+        n_slots = 1 if state.summed else len(scratch_steps)
         g_syn = kernels.synthetic(g, g.shape, g.dtype)
         a_syn = kernels.synthetic(a, a.shape, a.dtype)
         seconds = {}
@@ -762,7 +763,8 @@ class SketchEngine:
             def run(g_, a_, route=route):
                 st = replace(scratch.init(b, {spec.param.group: n_slots}, summed=state.summed), xp=kernels.xp,
                              dtype=state.dtype, device=_dev(g_))
-                st = scratch_kernels.add(st, replace(su, grad_output=g_, activation=a_), spec, route)
+                st = scratch_kernels.add(st, replace(su, grad_output=g_, activation=a_, steps=scratch_steps), spec,
+                                         route)
                 return scratch_kernels.assemble(scratch_kernels.flush(st), st.steps)
             seconds[route] = scratch_kernels.best_time(run, (g_syn, a_syn))
         return min(seconds, key=seconds.get), "timed", seconds
