@@ -178,7 +178,7 @@ class _Session:
         return driver.BatchFeatures(self.engine.finalize(state), steps, self.plan.layout)  # raises on NaN/inf
 
     def meta(self) -> dict:
-        return {"backend": self.backend.name}
+        return {"backend": self.backend.name, "routes": self.engine.routes()}
 
 
 backend = NumpyBackend()

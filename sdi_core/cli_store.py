@@ -157,7 +157,7 @@ class _ReferenceSession:
         return BatchFeatures(self.engine.finalize(state), dict(self.steps), self.plan.layout)
 
     def meta(self) -> dict:
-        return {"backend": "numpy-reference"}
+        return {"backend": "numpy-reference", "routes": self.engine.routes()}
 
 
 def _as_checkpoints(checkpoints: Sequence[tuple[Any, CheckpointInfo]], convert=lambda w: w) -> list[Checkpoint]:

@@ -10,7 +10,7 @@ driver owns the rest:
   list when there are several checkpoints; a single mapping is one batch);
 - padding every group's step axis to the most steps any batch ran (or to
   the count asked for);
-- example ids (default ``0 .. N-1``), checked against the number of examples;
+- example ids (given, or ``0 .. N-1``), checked against the number of examples;
 - one progress bar over checkpoints x batches (tqdm);
 - the :class:`~sdi_core.Features` assembly, including ``meta``;
 - error context: an :class:`~sdi_core.SDIError` raised for a batch is raised
@@ -110,6 +110,7 @@ def featurize(
     progress: bool = True,
     desc: str = "featurize batches",
     meta: Mapping[str, Any] | None = None,
+    default_ids: bool = True,
 ) -> Features:
     """Features of every example of ``batches`` at every checkpoint.
 
@@ -122,11 +123,15 @@ def featurize(
         steps: pad the step axis to this many steps: an int for the
             ``"loop"`` group or ``{group: S}``; default the most steps any
             batch ran, per group.
-        example_ids: integer ids, one per example (default ``0 .. N-1``).
+        example_ids: integer ids, one per example (default ``0 .. N-1``, or
+            none with ``default_ids=False``).
         summed: featurise summed over steps (``S_g = 1``, ``Features.summed``).
         progress: show a progress bar over checkpoints x batches.
         desc: the progress bar's label.
         meta: entries for ``Features.meta`` (the session's ``meta()`` is added).
+        default_ids: number the examples ``0 .. N-1`` when ``example_ids``
+            is None (False: the features carry no ids, so that shards of a
+            store written call by call do not repeat ids).
 
     Returns:
         :class:`~sdi_core.Features`, one ``{group: [N, S_g, D_g]}`` block per
@@ -180,10 +185,11 @@ def featurize(
     finally:
         if bar is not None:
             bar.close()
-    return _assemble(per_ckpt, infos, layout, steps, example_ids, bool(summed), {**extra, **dict(meta or {})})
+    return _assemble(per_ckpt, infos, layout, steps, example_ids, bool(summed), {**extra, **dict(meta or {})},
+                     default_ids)
 
 
-def _assemble(per_ckpt, infos, layout, steps, example_ids, summed, meta) -> Features:
+def _assemble(per_ckpt, infos, layout, steps, example_ids, summed, meta, default_ids) -> Features:
     seen = {g.name: 1 for g in layout.groups}
     for rows in per_ckpt:
         for bf in rows:
@@ -199,7 +205,7 @@ def _assemble(per_ckpt, infos, layout, steps, example_ids, summed, meta) -> Feat
         data.append(block)
     n = int(next(iter(data[0].values())).shape[0])
     if example_ids is None:
-        ids = np.arange(n, dtype=np.int64)
+        ids = np.arange(n, dtype=np.int64) if default_ids else None
     else:
         ids = np.asarray(example_ids)
         if ids.shape != (n,):

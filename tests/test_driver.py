@@ -61,6 +61,7 @@ def test_steps_are_padded_and_checkpoints_looped():
     padded = featurize(Session(), _batches(), steps={"loop": 5}, example_ids=[7, 8, 9], progress=False)
     assert padded.steps["loop"] == 5 and list(padded.example_ids) == [7, 8, 9]
     assert featurize(Session(), _batches(), steps=4, progress=False).steps["loop"] == 4
+    assert featurize(Session(), _batches(), progress=False, default_ids=False).example_ids is None
     with pytest.raises(SDIError, match=r"steps=2.*ran 3 steps of group 'loop'"):
         featurize(Session(), _batches(), steps=2, progress=False)
     with pytest.raises(SDIError, match=r"example_ids has shape \(2,\).*3 examples"):

@@ -152,7 +152,7 @@ class Attributor:
                 of its weights (the same id sdi_jax gives the same weights).
             steps: pad every batch's loop axis to this many steps (default:
                 the most steps any batch ran).
-            example_ids: optional integer ids, one per example (default ``0 .. N-1``).
+            example_ids: optional integer ids, one per example (default: none).
             progress: override the Attributor's ``progress``.
             summed: return features summed over steps (``[N, 1, D_g]``,
                 ``Features.summed``): the train side of the query-step
@@ -180,7 +180,8 @@ class Attributor:
             )
         show = self.progress if progress is None else progress
         return driver.featurize(_CaptureSession(self, restore=ckpts is not None), batches, ckpts, steps=steps,
-                                example_ids=example_ids, summed=summed, progress=show, desc="sdi_torch batches")
+                                example_ids=example_ids, summed=summed, progress=show, desc="sdi_torch batches",
+                                default_ids=False)
 
     def _current_weights_id(self) -> str:
         """The id of the current weights, recomputed only when a tensor was replaced or updated in place."""

@@ -185,4 +185,4 @@ def untied_baseline(
     plan = SketchPlan(Exact(), sel.infos)
     ckpts = _checkpoint_list(checkpoints)
     session = _UntiedSession(model, loop, loss_fn, sel, plan, restore=ckpts is not None, chunk_size=chunk_size)
-    return driver.featurize(session, batches, ckpts, summed=summed, progress=False)
+    return driver.featurize(session, batches, ckpts, summed=summed, progress=False, default_ids=False)
