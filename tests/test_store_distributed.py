@@ -170,5 +170,8 @@ def test_sdi_cli_under_torchrun_matches_one_process(tmp_path):
     _run([sys.executable, "-m", "sdi_core.cli", "score", str(tmp_path / "one"), str(tmp_path / "q"), "--k", "3",
           "--out", str(tmp_path / "one.npz"), "--quiet"], env_extra=env)
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
-        for key in ("slot_topk_indices", "total_topk_indices", "slot_topk_scores"):
+        for key in ("slot_topk_indices", "total_topk_indices"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        # Ranks multiply blocks of other row counts: BLAS may round the last bit differently.
+        np.testing.assert_allclose(a["slot_topk_scores"], b["slot_topk_scores"], rtol=1e-12, atol=0,
+                                   err_msg="slot_topk_scores")
