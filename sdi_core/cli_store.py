@@ -290,7 +290,9 @@ def run_featurize(args: argparse.Namespace) -> int:
     elif args.sketch_dim < 0:
         raise SDIError(f"--sketch-dim {args.sketch_dim}: use a positive dimension, or 0 for exact features.")
     else:
-        sketch = TensorSketch(dim=args.sketch_dim, seed=args.seed)
+        # Routes by the cost model, not timed: every rank and every resumed run must make the same choice, or
+        # the store would not be bit-identical to an uninterrupted single-process one.
+        sketch = TensorSketch(dim=args.sketch_dim, seed=args.seed, time_routes=False)
     groups = _parse_groups(args.groups)
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:

@@ -44,7 +44,7 @@ _TORCHRUN_SCRIPT = textwrap.dedent(
     config, weights = demo_model()
     model = models.LoopedGPT.from_numpy(config, weights).eval()
     attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=lambda m, b: models.per_example_loss(m, b),
-                                sketch=sdi_core.TensorSketch(dim=128, seed=0), progress=False)
+                                sketch=sdi_core.TensorSketch(dim=128, seed=0, time_routes=False), progress=False)
     ckpts = [sdi_core.Checkpoint({k: torch.as_tensor(v) for k, v in weights.items()}, eta=0.5, name="demo")]
     data = demo_data("train", config)
     n = 32
@@ -112,7 +112,7 @@ _JAX_SCRIPT = textwrap.dedent(
     config, weights = demo_model()
     params = models.params_from_numpy(weights, config)
     attr = sdi_jax.Attributor(lambda p, b: models.per_example_loss(p, b, config), loop=lambda p: p["block"],
-                              sketch=sdi_core.TensorSketch(dim=128, seed=0), progress=False)
+                              sketch=sdi_core.TensorSketch(dim=128, seed=0, time_routes=False), progress=False)
     ckpts = [sdi_core.Checkpoint(params, eta=0.5, name="demo")]
     data = demo_data("train", config)
     batches = [{k: data[k][a:a + 6] for k in ("tokens", "targets", "ids")} for a in range(0, 24, 6)]
