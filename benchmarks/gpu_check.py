@@ -254,7 +254,7 @@ def section_scoring(args, have) -> dict:
     import torch
 
     import sdi_core
-    from sdi_core import Checkpoint, CheckpointInfo, Features, ParamInfo, SketchPlan, TensorSketch
+    from sdi_core import CheckpointInfo, Features, ParamInfo, SketchPlan, TensorSketch
     from sdi_core.scoring import score_store
     from sdi_core.store import featurize_to_store
 

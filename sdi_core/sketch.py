@@ -28,9 +28,9 @@ import math
 from typing import Any
 
 from ._array import array_namespace, device_or_none as _dev, float_dtype_for
-from .countsketch import HashTable, countsketch
+from .countsketch import countsketch
 from .factors import FactorUse, SDIError, StackedUse
-from .specs import ParamSketchSpec, SketchPlan
+from .specs import ParamSketchSpec
 
 # Relative costs per element, calibrated on a 2-core x86 CPU with NumPy/PyTorch
 # (benchmarks/bench_routes.py): a scatter-add element costs ~15 matmul
