@@ -3,7 +3,9 @@
 End to end, on the canonical looped GPT (``sdi_torch.models.LoopedGPT``,
 float32, the loop body's 16 tensors): featurise ``N`` training examples and
 ``--n-query`` queries, then compute the query-step trajectory
-``[N, N_query, tau]`` with :func:`sdi_core.influence`.  Methods:
+``[N, N_query, tau]`` with :func:`sdi_core.influence`, and compare every
+method's trajectory with the exact one (:func:`sdi_core.metrics.compare`:
+relative error, Pearson, Spearman per query, top-k overlap).  Methods:
 
 - ``untied``: the textbook full-gradient baseline, ``sdi_torch.untied_baseline``
   (the loop body untied into ``tau`` weight copies, per-example gradients by
@@ -142,7 +144,7 @@ def main(argv=None):
         meths, exact_width = methods_for(args, d, tau)
         train_b = make_batches(n, args.batch, args.seq, args.vocab, seed=1)
         query_b = make_batches(args.n_query, args.batch, args.seq, args.vocab, seed=2)
-        cands, peaks, skipped = {}, {}, {}
+        cands, peaks, skipped, trajs = {}, {}, {}, {}
         for name, (feat, width, kind) in meths.items():
             # features held: train summed [N, width] + query [N_q, tau, width], float32
             need = 4 * width * (n + args.n_query * tau)
@@ -156,7 +158,7 @@ def main(argv=None):
             feat(query_b[0])  # warm-up (torch.func transforms, hash tables), untimed
 
             def run(feat=feat, name=name):
-                _, peak = common.peak_memory(lambda: pipeline(feat, train_b, query_b))
+                trajs[name], peak = common.peak_memory(lambda: pipeline(feat, train_b, query_b))
                 if peak is not None:
                     peaks[name] = max(peaks.get(name, 0), peak)
 
@@ -176,6 +178,7 @@ def main(argv=None):
                          time_vs_exact=s["ratio_paired_median"] if base == "exact" else None,
                          times_s=s["times_s"])
             point.append(r)
+        add_accuracy(point, trajs)
         ex = next((r for r in point if r["method"] == "exact" and r["status"] == "ran"), None)
         for r in point:
             if ex is not None and r["status"] == "ran" and r.get("peak_mib") and ex.get("peak_mib"):
@@ -198,6 +201,7 @@ def main(argv=None):
                                     ("method", "method", ""), ("features_per_step", "features/step", ""),
                                     ("seconds", "seconds", ".2f"), ("time_vs_exact", "time / exact", ".2f"),
                                     ("peak_mib", "peak MiB", ".0f"), ("memory_vs_exact", "memory / exact", ".3f"),
+                                    ("rel_error_trajectory", "rel. error vs exact", ".4f"),
                                     ("status", "status", "")]))
     wins = crossover(table_rows, args)
     for line in wins["lines"]:
@@ -217,6 +221,24 @@ def main(argv=None):
     png = plot(payload, common.results_path(args.out_dir, "vs_exact", args.quick, ext="png"))
     print(f"wrote {path} and {png}")
     return payload
+
+
+ACCURACY_KEYS = ("rel_error_trajectory", "rel_error_tracin", "pearson_trajectory", "spearman_per_query",
+                 "topk_overlap_tracin")
+
+
+def add_accuracy(point, trajs):
+    """Each method's trajectory against the exact one (``exact``, else ``untied``): :func:`sdi_core.metrics.compare`."""
+    import numpy as np
+
+    from sdi_core.metrics import compare
+
+    ref = next((m for m in ("exact", "untied") if m in trajs), None)
+    for r in point:
+        if ref is not None and r["method"] in trajs and r["method"] != ref:
+            m = compare(np.asarray(trajs[r["method"]]), np.asarray(trajs[ref]))
+            r["accuracy_vs"] = ref
+            r.update({k: m[k] for k in ACCURACY_KEYS})
 
 
 def crossover(rows, args):

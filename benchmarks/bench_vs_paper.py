@@ -132,15 +132,15 @@ def paper_trajectory(train_fs, query_fs):
     return np.einsum("id,jtd->ijt", tr, q)
 
 
-def errors(est, exact):
-    import numpy as np
-    from scipy import stats
+ERROR_KEYS = ("rel_error_trajectory", "rel_error_tracin", "pearson_trajectory", "pearson_tracin")
 
-    te, tx = est.sum(-1), exact.sum(-1)
-    return {"rel_err_trajectory": float(np.linalg.norm(est - exact) / np.linalg.norm(exact)),
-            "rel_err_tracin": float(np.linalg.norm(te - tx) / np.linalg.norm(tx)),
-            "pearson_trajectory": float(stats.pearsonr(est.ravel(), exact.ravel())[0]),
-            "pearson_tracin": float(stats.pearsonr(te.ravel(), tx.ravel())[0])}
+
+def errors(est, exact):
+    """The accuracy figures of this comparison, from :func:`sdi_core.metrics.compare` (one set of names)."""
+    from sdi_core.metrics import compare
+
+    m = compare(est, exact)
+    return {k: m[k] for k in ERROR_KEYS}
 
 
 # ---------------------------------------------------------------------------- cost
@@ -255,7 +255,7 @@ def accuracy(args, paper):
             if not mine:
                 continue
             out = {"implementation": impl, "m": m, "seeds": len(mine)}
-            for key in ("rel_err_trajectory", "rel_err_tracin", "pearson_trajectory", "pearson_tracin"):
+            for key in ERROR_KEYS:
                 out[key] = float(np.mean([r[key] for r in mine]))
             summary.append(out)
     return {"config": {"d_model": config.d_model, "heads": config.n_heads, "tau": config.tau, "seq": config.max_len,
@@ -296,8 +296,8 @@ def main(argv=None):
     print(f"Accuracy against exact SDI: d_model={args.acc_d_model}, tau={args.acc_tau}, "
           f"{args.acc_n_train} train x {args.acc_n_query} queries, mean over {args.acc_seeds} seed(s)")
     print(common.table(acc["summary"], [("implementation", "implementation", ""), ("m", "m", ""),
-                                        ("rel_err_trajectory", "rel. err SDI", ".4f"),
-                                        ("rel_err_tracin", "rel. err TracIn", ".4f"),
+                                        ("rel_error_trajectory", "rel. err SDI", ".4f"),
+                                        ("rel_error_tracin", "rel. err TracIn", ".4f"),
                                         ("pearson_trajectory", "Pearson SDI", ".5f"),
                                         ("pearson_tracin", "Pearson TracIn", ".5f")]))
     if paper is None:
@@ -352,9 +352,9 @@ def plot(payload, path):
     for impl, color in (("sdi_torch", "C0"), ("paper", "C1")):
         rows = [r for r in summ if r["implementation"] == impl]
         if rows:
-            ax.plot([r["m"] for r in rows], [r["rel_err_trajectory"] for r in rows], "o-", color=color,
+            ax.plot([r["m"] for r in rows], [r["rel_error_trajectory"] for r in rows], "o-", color=color,
                     label=f"{impl}: SDI trajectory")
-            ax.plot([r["m"] for r in rows], [r["rel_err_tracin"] for r in rows], "s--", color=color,
+            ax.plot([r["m"] for r in rows], [r["rel_error_tracin"] for r in rows], "s--", color=color,
                     label=f"{impl}: TracIn")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -28,7 +28,7 @@ measured in the same process, in the same rounds:
   compress the time ratios.
 - Every result records the load average before and after
   (:func:`finish_info`); :func:`load_validity` marks a run invalid when either
-  exceeds :data:`LOAD_LIMIT` (0.5 on the 2-core machines): such numbers are
+  exceeds :data:`QUIET_LOAD` (0.5 on the 2-core machines): such numbers are
   not quoted.
 
 Scripts call :func:`setup` first, then build their candidates.  Nothing here
@@ -157,6 +157,20 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+QUIET_LOAD = 0.5  # a 1-minute load average above this at either end of a measurement invalidates it
+
+
+def load_record(before: list[float] | None, after: list[float] | None, limit: float = QUIET_LOAD) -> dict:
+    """The load averages around one measurement and whether it counts: ``valid`` iff both 1-minute loads <= ``limit``.
+
+    ``before``/``after`` are :func:`os.getloadavg` triples (None where the
+    system reports none: then ``valid`` is None, unknown).
+    """
+    loads = [x[0] for x in (before, after) if x is not None]
+    valid = None if len(loads) < 2 else bool(max(loads) <= limit)
+    return {"load_before": before, "load_after": after, "load_limit": limit, "valid": valid}
+
+
 def finish_info(info: dict) -> dict:
     """``info`` with the versions of libraries imported since :func:`setup` and the load at the end."""
     out = dict(info)
@@ -169,37 +183,28 @@ def finish_info(info: dict) -> dict:
 
 # ------------------------------------------------------------------ load and runs
 
-LOAD_LIMIT = 0.5
-"""Highest 1-minute load average (before and after a run) at which its results count (2-core machines)."""
-
-
-def load_validity(info: Mapping[str, Any], limit: float = LOAD_LIMIT) -> dict:
-    """Whether a run's results count: the 1-minute load before and after must both be at most ``limit``.
-
-    Args:
-        info: :func:`finish_info` of the run (``load_average`` at the start,
-            ``load_average_end`` at the end).
+def load_validity(info: Mapping[str, Any], limit: float = QUIET_LOAD) -> dict:
+    """:func:`load_record` of a run from its :func:`finish_info`, with the reason when it does not count.
 
     Returns:
-        ``{"valid", "load_before", "load_after", "load_limit", "reason"}``.
+        ``{"load_before", "load_after", "load_limit", "valid", "reason"}``
+        (``valid`` False also when the load could not be read).
     """
-    before, after = info.get("load_average"), info.get("load_average_end")
-    out = {"load_before": before, "load_after": after, "load_limit": limit}
-    if not before or not after:
-        return {**out, "valid": False, "reason": "the load average could not be read"}
-    worst = max(before[0], after[0])
-    if worst > limit:
-        return {**out, "valid": False,
-                "reason": f"1-minute load average {worst:.2f} > {limit}: other processes shared the CPUs"}
-    return {**out, "valid": True, "reason": None}
+    rec = load_record(info.get("load_average"), info.get("load_average_end"), limit)
+    if rec["valid"] is None:
+        return {**rec, "valid": False, "reason": "the load average could not be read"}
+    if not rec["valid"]:
+        worst = max(rec["load_before"][0], rec["load_after"][0])
+        return {**rec, "reason": f"1-minute load average {worst:.2f} > {limit}: other processes shared the CPUs"}
+    return {**rec, "reason": None}
 
 
 def add_measure_args(ap) -> None:
     """``--measure``, ``--load-limit`` (and the hidden ``--json-out`` of a child run) for an argparse parser."""
     ap.add_argument("--measure", choices=("both", "time", "memory"), default="both",
                     help="both (default): time and peak memory, each in its own process; or one of them here")
-    ap.add_argument("--load-limit", type=float, default=LOAD_LIMIT,
-                    help=f"results taken above this 1-minute load average are marked invalid (default {LOAD_LIMIT})")
+    ap.add_argument("--load-limit", type=float, default=QUIET_LOAD,
+                    help=f"results taken above this 1-minute load average are marked invalid (default {QUIET_LOAD})")
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
 
 

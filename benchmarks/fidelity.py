@@ -12,11 +12,13 @@ featurises the queries again through ``sdi_torch.Attributor`` and reports how
 far its features are from the reference path's (they should agree to float64
 rounding).
 
-Reported per ``m`` (mean, min and max over seeds):
+Reported per ``m`` (mean, min and max over seeds), with the metrics and names
+of :mod:`sdi_core.metrics` (the report's too):
 
 - relative Frobenius error ``||S - E||_F / ||E||_F`` of the query-step
   trajectory ``[N_train, N_query, tau]`` and of TracIn ``[N_train, N_query]``;
-- Pearson and Spearman correlation (``scipy.stats``) of the flattened arrays;
+- Pearson and Spearman correlation of the flattened arrays, and Spearman of
+  each query's TracIn over the train examples, averaged over queries;
 - top-k overlap: per query, the fraction of the exact top-k training examples
   (by TracIn, and by each step's influence) that the sketch also ranks top-k;
 - the error of the mean of all seeds' estimates (independent sketches average).
@@ -52,7 +54,7 @@ import common  # noqa: E402
 
 # The paper's headline (arXiv 2602.10097): a 135M-parameter looped GPT, 48
 # sketched tensors, m = 2048.
-PAPER = {"m": 2048, "rel_err_trajectory": 0.0388, "rel_err_tracin": 0.0220,
+PAPER = {"m": 2048, "rel_error_trajectory": 0.0388, "rel_error_tracin": 0.0220,
          "setting": "135M-parameter looped GPT, 48 sketched tensors, m=2048"}
 
 FULL = dict(d_model=128, heads=4, tau=4, max_len=8, train_size=1500, test_size=100, train_steps=600,
@@ -160,29 +162,10 @@ def trajectory(plan, train_factors, query_feats, tau, info):
 
 
 def metrics(est, exact, topk):
-    """Errors, correlations and top-k overlaps of a sketched trajectory ``est`` against ``exact``."""
-    import numpy as np
-    from scipy import stats
+    """The scalar metrics of :func:`sdi_core.metrics.compare` (the names the report uses too)."""
+    from sdi_core.metrics import compare
 
-    tr_e, tr_x = est.sum(-1), exact.sum(-1)
-    k = min(topk, exact.shape[0])
-
-    def overlap(a, b):  # a, b: [N_train, Q]; mean over columns of |top-k(a) & top-k(b)| / k
-        ia = np.argsort(-a, axis=0, kind="stable")[:k]
-        ib = np.argsort(-b, axis=0, kind="stable")[:k]
-        return float(np.mean([len(set(ia[:, j]) & set(ib[:, j])) / k for j in range(a.shape[1])]))
-
-    n_tr = exact.shape[0]
-    return {
-        "rel_err_trajectory": float(np.linalg.norm(est - exact) / np.linalg.norm(exact)),
-        "rel_err_tracin": float(np.linalg.norm(tr_e - tr_x) / np.linalg.norm(tr_x)),
-        "pearson_trajectory": float(stats.pearsonr(est.ravel(), exact.ravel())[0]),
-        "spearman_trajectory": float(stats.spearmanr(est.ravel(), exact.ravel())[0]),
-        "pearson_tracin": float(stats.pearsonr(tr_e.ravel(), tr_x.ravel())[0]),
-        "spearman_tracin": float(stats.spearmanr(tr_e.ravel(), tr_x.ravel())[0]),
-        "topk_overlap_tracin": overlap(tr_e, tr_x),
-        "topk_overlap_per_step": overlap(est.reshape(n_tr, -1), exact.reshape(n_tr, -1)),
-    }
+    return {k: v for k, v in compare(est, exact, k=topk).items() if isinstance(v, float)}
 
 
 def fit_inverse_sqrt(ms, errs):
@@ -296,8 +279,8 @@ def main(argv=None):
             row[key + "_min"] = float(vals.min())
             row[key + "_max"] = float(vals.max())
         ens = metrics(np.mean(ests, axis=0), exact, args.topk)
-        row["ensemble_rel_err_trajectory"] = ens["rel_err_trajectory"]
-        row["ensemble_rel_err_tracin"] = ens["rel_err_tracin"]
+        row["ensemble_rel_error_trajectory"] = ens["rel_error_trajectory"]
+        row["ensemble_rel_error_tracin"] = ens["rel_error_tracin"]
         per_m.append(row)
 
     sketched = [p for p in loop_infos if p.numel > min(args.dims)]
@@ -307,20 +290,21 @@ def main(argv=None):
         fit_rows = per_m
     fits = {key: fit_inverse_sqrt([r["m"] for r in fit_rows], [r[key] for r in fit_rows]) | {
                 "fitted_m": [r["m"] for r in fit_rows]}
-            for key in ("rel_err_trajectory", "rel_err_tracin")}
+            for key in ("rel_error_trajectory", "rel_error_tracin")}
     for r in per_m:
         r["matrices_sketched"] = sum(p.numel > r["m"] for p in matrices)
         r["tensors_sketched"] = sum(p.numel > r["m"] for p in loop_infos)
     width = {m: SketchPlan(TensorSketch(dim=m, seed=0), loop_infos).features_per_step()["loop"] for m in args.dims}
     exact_width = sum(p.numel for p in loop_infos)
 
-    cols = [("m", "m", ""), ("tensors_sketched", "tensors sketched", ""), ("rel_err_trajectory", "rel. err SDI", ".4f"),
-            ("rel_err_tracin", "rel. err TracIn", ".4f"),
-            ("ensemble_rel_err_trajectory", f"SDI err, mean of {args.seeds} seeds", ".4f"),
+    cols = [("m", "m", ""), ("tensors_sketched", "tensors sketched", ""), ("rel_error_trajectory", "rel. err SDI", ".4f"),
+            ("rel_error_tracin", "rel. err TracIn", ".4f"),
+            ("ensemble_rel_error_trajectory", f"SDI err, mean of {args.seeds} seeds", ".4f"),
             ("pearson_trajectory", "Pearson SDI", ".4f"), ("spearman_trajectory", "Spearman SDI", ".4f"),
             ("pearson_tracin", "Pearson TracIn", ".4f"), ("spearman_tracin", "Spearman TracIn", ".4f"),
+            ("spearman_per_query", "Spearman TracIn per query", ".4f"),
             ("topk_overlap_tracin", f"top-{args.topk} TracIn", ".3f"),
-            ("topk_overlap_per_step", f"top-{args.topk} per step", ".3f")]
+            ("topk_overlap_per_slot", f"top-{args.topk} per step", ".3f")]
     print()
     print(common.table(per_m, cols))
     for key, f in fits.items():
@@ -328,8 +312,8 @@ def main(argv=None):
               f"(rms log residual {f['rms_log_residual']:.3f}); free fit slope {f['free_slope']:.3f}")
     at = next((r for r in per_m if r["m"] == PAPER["m"]), None)
     if at is not None:
-        print(f"at m={PAPER['m']}: SDI error {at['rel_err_trajectory']:.4f} (paper {PAPER['rel_err_trajectory']}), "
-              f"TracIn error {at['rel_err_tracin']:.4f} (paper {PAPER['rel_err_tracin']})")
+        print(f"at m={PAPER['m']}: SDI error {at['rel_error_trajectory']:.4f} (paper {PAPER['rel_error_trajectory']}), "
+              f"TracIn error {at['rel_error_tracin']:.4f} (paper {PAPER['rel_error_tracin']})")
     if check is not None:
         print(f"sdi_torch.Attributor vs reference-factor features ({check.get('config')}): {check}")
 
@@ -350,8 +334,8 @@ def main(argv=None):
         "per_m": per_m,
         "runs": runs,
         "fit": fits,
-        "paper": PAPER | {"implied_c_trajectory": PAPER["rel_err_trajectory"] * math.sqrt(PAPER["m"]),
-                          "implied_c_tracin": PAPER["rel_err_tracin"] * math.sqrt(PAPER["m"])},
+        "paper": PAPER | {"implied_c_trajectory": PAPER["rel_error_trajectory"] * math.sqrt(PAPER["m"]),
+                          "implied_c_tracin": PAPER["rel_error_tracin"] * math.sqrt(PAPER["m"])},
         "attributor_check": check,
         "seconds": {"train": t_train, "featurize_and_score": t_feat, "total": time.perf_counter() - t_start},
         "machine": common.finish_info(info_machine),
@@ -370,7 +354,7 @@ def plot(payload, path):
     ms = np.array([r["m"] for r in rows], float)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
-    for key, label, color in (("rel_err_trajectory", "SDI trajectory", "C0"), ("rel_err_tracin", "TracIn", "C1")):
+    for key, label, color in (("rel_error_trajectory", "SDI trajectory", "C0"), ("rel_error_tracin", "TracIn", "C1")):
         mean = np.array([r[key] for r in rows])
         lo = mean - np.array([r[key + "_min"] for r in rows])
         hi = np.array([r[key + "_max"] for r in rows]) - mean
@@ -387,7 +371,7 @@ def plot(payload, path):
         for a in axes:
             a.axvspan(min(partly) / 1.3, max(ms) * 1.3, color="0.85", zorder=0,
                       label=f"some matrices have <= m entries: stored exactly" if a is axes[0] else None)
-    ens = np.array([r["ensemble_rel_err_trajectory"] for r in rows])
+    ens = np.array([r["ensemble_rel_error_trajectory"] for r in rows])
     ax.plot(ms, ens, "s:", color="C2", label=f"SDI, mean of {payload['config']['seeds']} seeds' sketches")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -399,7 +383,7 @@ def plot(payload, path):
     for key, label, style in (("pearson_trajectory", "Pearson, SDI", "o-"), ("spearman_trajectory", "Spearman, SDI", "s-"),
                               ("pearson_tracin", "Pearson, TracIn", "o--"),
                               ("topk_overlap_tracin", f"top-{payload['config']['topk']} overlap, TracIn", "^-"),
-                              ("topk_overlap_per_step", f"top-{payload['config']['topk']} overlap, per step", "v-")):
+                              ("topk_overlap_per_slot", f"top-{payload['config']['topk']} overlap, per step", "v-")):
         ax.plot(ms, [r[key] for r in rows], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sketch dimension m per tensor")

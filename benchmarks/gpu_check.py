@@ -14,20 +14,26 @@ Sections (``--sections``, default all, in this order):
 - ``bench``: ``benchmarks/bench_torch_featurize.py`` (the issue-3
   configuration) on the GPU in float32 and in bfloat16, time and memory in
   separate processes; results in ``benchmarks/results/torch_featurize_cuda_<dtype>.json``.
-- ``scoring``: a 1,000,000 x 4096 float32 store (summed train side, 16 GB
-  on disk, written with synthetic features) scored against 256 queries x 8
-  steps held on the GPU with the public :func:`sdi_core.scoring.score_store`
-  (top-10 per query step and in total), against a bare GPU matmul of the
-  same shapes.
+- ``scoring`` (written with issue 15): ``--n-train`` synthetic step-summed
+  float32 rows of width ``--dim`` in a store on disk (default 1,000,000 x
+  4096: 16 GB), scored by the public :func:`sdi_core.scoring.score_store`
+  against ``--n-query`` x ``--steps`` torch query features on the GPU, top-k
+  per query and step and in total, under ``--budget``; against the baseline
+  of the whole train matrix already in GPU memory times the query matrix into
+  a preallocated output (one ``torch.matmul``), in interleaved rounds, with
+  the streamed top-k checked against that product and the peak GPU memory of
+  each.
 
-Without a GPU the script stops with exit status 2 and says so; ``--device
-cpu --quick`` runs the same code on the CPU at small sizes (the tests do).
+Without a GPU the script stops with exit status 2 and says so, unless
+``--quick`` (or ``--device cpu``) is given: then the same code runs on the
+CPU at small sizes, which checks the script and is no GPU result (the tests
+do this).
 Exit status 1 when a section failed.  The summary goes to
 ``benchmarks/results/gpu_check.json`` (``gpu_check_quick.json`` with ``--quick``).
 
     python benchmarks/gpu_check.py                       # on a machine with one NVIDIA GPU
-    python benchmarks/gpu_check.py --sections cpu_vs_gpu,scoring --score-rows 200000
-    python benchmarks/gpu_check.py --device cpu --quick  # smoke test of this script on the CPU
+    python benchmarks/gpu_check.py --sections cpu_vs_gpu,scoring --n-train 200000
+    python benchmarks/gpu_check.py --quick               # seconds; on the CPU where there is no GPU
 """
 
 from __future__ import annotations
@@ -53,22 +59,30 @@ BUDGET_S = 480
 EXIT_NO_GPU = 2
 
 
+SCORING_QUICK = dict(n_train=6_000, dim=256, n_query=16, steps=4, shard_rows=2_000, budget="32MiB")
+
+
 def parse(argv):
+    from bench_scoring import workload_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(ap)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cuda (default); cpu runs the same code on the CPU, for a smoke test")
-    ap.add_argument("--quick", action="store_true", help="small sizes (seconds; with --device cpu for the tests)")
+    ap.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                    help="cuda (default; with --quick and no GPU: cpu); cpu runs the same code on the CPU")
     ap.add_argument("--jax-forms", default="unrolled", help="JAX conformance models: unrolled, scan, or none")
-    ap.add_argument("--score-rows", type=int, default=None, help="train rows of the scoring store (default 1000000)")
-    ap.add_argument("--score-dim", type=int, default=None, help="features per row of the scoring store (default 4096)")
-    ap.add_argument("--store-dir", default=None, help="where the scoring store is written (default a temporary folder)")
     ap.add_argument("--load-limit", type=float, default=None,
                     help="load limit passed to the benchmark (default 0.25 per usable CPU: the GPU run is not CPU bound)")
-    ap.add_argument("--out", default=None, help="summary JSON path")
+    ap.add_argument("--out", default=None, help="summary JSON path (default <out-dir>/gpu_check[_quick].json)")
     ap.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    workload_args(ap, n_train=1_000_000, dim=4096, budget="8GiB", shard_rows=100_000)
     args = ap.parse_args(argv)
+    if args.quick:
+        for key, value in SCORING_QUICK.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad or not args.sections:
@@ -77,13 +91,11 @@ def parse(argv):
     bad = [f for f in args.jax_forms if f not in ("unrolled", "scan")]
     if bad:
         ap.error(f"--jax-forms: unknown {bad}; choose from unrolled, scan, none")
-    args.score_rows = args.score_rows or (20_000 if args.quick else 1_000_000)
-    args.score_dim = args.score_dim or (256 if args.quick else 4096)
-    if args.score_rows < 1 or args.score_dim < 2:
-        ap.error("--score-rows must be >= 1 and --score-dim >= 2")
+    if args.n_train < 1 or args.dim < 2:
+        ap.error("--n-train must be >= 1 and --dim >= 2")
     if args.load_limit is None:
-        args.load_limit = max(common.LOAD_LIMIT, 0.25 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                          else (os.cpu_count() or 2)))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        args.load_limit = max(common.QUIET_LOAD, 0.25 * cpus)
     return args
 
 
@@ -253,58 +265,69 @@ def section_scoring(args, have) -> dict:
     import numpy as np
     import torch
 
-    import sdi_core
-    from sdi_core import CheckpointInfo, Features, ParamInfo, SketchPlan, TensorSketch
-    from sdi_core.scoring import score_store
-    from sdi_core.store import featurize_to_store
+    import array_api_compat.torch as tx
+    from bench_scoring import query_of, synthetic_store
+    from sdi_core import Features
+    from sdi_core.scoring import parse_bytes, score_store
 
-    rows, dim, n_q, steps, k = args.score_rows, args.score_dim, 256, 8, 10
-    plan = SketchPlan(TensorSketch(dim=dim, seed=0), [ParamInfo("w", (2 * dim,))])  # a CountSketched tensor: width dim
-    ck = (CheckpointInfo("gpu-check", 1.0, None),)
-    shard = min(rows, 1 << 16)
-    block = np.random.default_rng(0).standard_normal((shard, dim), dtype=np.float32)  # synthetic features, tiled
+    cuda = args.device == "cuda"
+    dev = torch.device(args.device)
 
-    def featurize(ranges):
-        a, b = ranges[0]
-        data = (block[: b - a] + np.float32(a / rows))[:, None, :]
-        return Features([{"loop": data}], plan.layout, ck, {"loop": steps}, example_ids=np.arange(a, b), summed=True)
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
-    tmp = args.store_dir or tempfile.mkdtemp(prefix="gpu_check_store_")
-    t0 = time.perf_counter()
-    store = featurize_to_store(os.path.join(tmp, "train.store"), featurize,
-                               [(a, min(rows, a + shard)) for a in range(0, rows, shard)], summed=True,
-                               consolidate=False)
-    write_s = time.perf_counter() - t0
-    device = torch.device(args.device)
-    q = torch.randn((n_q, steps, dim), generator=torch.Generator().manual_seed(1)).to(device)
-    query = Features([{"loop": q}], plan.layout, ck, {"loop": steps}, example_ids=np.arange(n_q))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(2):  # the first run reads the store from disk, the second from the page cache
-        t0 = time.perf_counter()
-        res = score_store(store, query, k=k, budget="8GiB")
-        sync()
-        times.append(time.perf_counter() - t0)
-    # the floor: a bare matmul of the same shapes on the device, the train matrix already there
-    chunk = min(rows, 1 << 18)
-    train = torch.from_numpy(block[: min(shard, chunk)]).to(device)
-    qm = q.reshape(n_q * steps, dim).T.contiguous()
-    reps = -(-rows // train.shape[0])
-    torch.matmul(train, qm)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(train, qm)
-    sync()
-    bare = time.perf_counter() - t0
-    top = getattr(res, "total_topk", None)
-    return {"status": "ok", "rows": rows, "dim": dim, "queries": n_q, "steps": steps, "k": k,
-            "store_gb": round(rows * dim * 4 / 1e9, 2), "write_s": round(write_s, 2),
-            "score_s": [round(t, 3) for t in times], "bare_matmul_s": round(bare, 4),
-            "throughput_vs_bare_matmul": round(bare / times[-1], 4),
-            "top_ids_shape": None if top is None else list(np.shape(top.ids)),
-            "store_dir": tmp if args.store_dir else "(temporary, removed)",
-            "sdi_core": sdi_core.__version__}
+    with synthetic_store(args) as (store, write_s):
+        query_np = query_of(args, store)
+        query = Features([{"loop": tx.asarray(query_np.data[0]["loop"], device=dev)}], query_np.layout,
+                         query_np.checkpoints, query_np.steps)
+        budget = parse_bytes(args.budget)
+        load_before = common._loadavg()
+        train = torch.cat([torch.from_numpy(np.array(b[0]["loop"]).reshape(-1, args.dim)).to(dev)
+                           for _, _, b in store.iter_blocks(args.shard_rows)])
+        q_mat = query.data[0]["loop"].reshape(-1, args.dim)
+        out = torch.empty((args.n_train, q_mat.shape[0]), dtype=torch.float32, device=dev)
+        peaks, last = {}, {}
+
+        def bare():
+            torch.matmul(train, q_mat.T, out=out)
+            sync()
+
+        def streamed():
+            last["res"] = score_store(store, query, k=args.k, budget=budget)  # results are NumPy: synchronised
+
+        for name, fn in (("bare_matmul", bare), ("streamed", streamed)):  # warm-up and peak device memory
+            if cuda:
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            fn()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) if cuda else None
+        samples = common.interleaved({"bare_matmul": bare, "streamed": streamed}, repeats=args.repeats, warmup=0)
+        summary = common.summarize(samples, baseline="bare_matmul")
+        res = last["res"]
+        cols = np.linspace(0, q_mat.shape[0] - 1, 8).astype(int)
+        top = torch.topk(out[:, torch.as_tensor(cols, device=dev)], args.k, dim=0).indices.cpu().numpy()
+        verified = all(set(top[:, i]) == set(res.slot_topk.indices[c // args.steps, c % args.steps])
+                       for i, c in enumerate(cols))
+        s = summary["streamed"]
+        return {
+            "status": "ok" if verified else "failed",
+            "gpu_result": bool(cuda),
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA: checks the script, not a GPU result)",
+            "workload": {"n_train": args.n_train, "dim": args.dim, "n_query": args.n_query, "steps": args.steps,
+                         "k": args.k, "budget_bytes": budget, "store_bytes": int(store.nbytes)},
+            "baseline": "torch.matmul(train[N, dim] on the device, query[dim, n_query*steps]) into a preallocated output",
+            "throughput_vs_bare_matmul": {"paired_median": 1 / s["ratio_paired_median"], "best_over_best": 1 / s["ratio_best"]},
+            "timings": summary,
+            "peak_device_bytes": peaks,
+            "block_rows": res.block_rows,
+            "scored_on": {"namespace": res.meta["namespace"], "device": res.meta["device"]},
+            "topk_matches_baseline_product": bool(verified),
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "store_write_s": write_s,
+            **common.load_record(load_before, common._loadavg()),
+        }
 
 
 # -------------------------------------------------------------------------------- main
@@ -312,10 +335,12 @@ def section_scoring(args, have) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.device is None:
+        args.device = "cuda" if (available("cuda")["torch"] or available("cuda")["jax"]) or not args.quick else "cpu"
     plan = {"conformance": f"conformance suite on {args.device} (torch; jax forms {args.jax_forms or 'none'})",
             "cpu_vs_gpu": f"CPU vs {args.device} features, float64 and float32, torch and jax",
             "bench": f"bench_torch_featurize.py on {args.device}, float32 and bfloat16",
-            "scoring": f"score_store on a {args.score_rows} x {args.score_dim} store, queries on {args.device}"}
+            "scoring": f"score_store on a {args.n_train} x {args.dim} store, queries on {args.device}"}
     if args.dry_run:
         for s in args.sections:
             print(f"{s}: {plan[s]}")
@@ -323,10 +348,10 @@ def main(argv=None) -> int:
     have = available(args.device)
     if args.device == "cuda" and not (have["torch"] or have["jax"]):
         print("gpu_check: no CUDA GPU found. " + "; ".join(have["notes"]) + ". Run it on a machine with one NVIDIA "
-              "GPU and CUDA builds of torch (and jax); `--device cpu --quick` runs the same code on the CPU as a "
-              "smoke test.", file=sys.stderr)
+              "GPU and CUDA builds of torch (and jax); `--quick` (or `--device cpu`) runs the same code on the CPU "
+              "as a smoke test.", file=sys.stderr)
         return EXIT_NO_GPU
-    info = common.machine_info()
+    info = common.setup(args.threads, memory=False)
     report = {"benchmark": "gpu_check", "command": common.command_line(__file__, argv), "device": args.device,
               "available": have, "quick": args.quick, "sections": {}}
     start = time.perf_counter()
@@ -346,7 +371,7 @@ def main(argv=None) -> int:
     report["seconds"] = round(total, 1)
     report["within_budget"] = total <= BUDGET_S
     report["machine"] = common.finish_info(info)
-    out = args.out or common.results_path(None, "gpu_check", args.quick)
+    out = args.out or common.results_path(args.out_dir, "gpu_check", args.quick)
     common.write_json(out, report)
     failed = [s for s, r in report["sections"].items() if r["status"] == "failed"]
     print(json.dumps({s: r["status"] for s, r in report["sections"].items()}),

@@ -72,9 +72,9 @@ def to_numpy(x: Any) -> np.ndarray:
     if is_jax_namespace(xp):
         return np.asarray(x)
     try:
-        return np.asarray(to_device(x, "cpu"))
-    except Exception:
         return np.asarray(x)
+    except Exception:  # an array on a device NumPy cannot read: via the namespace's default (host) device
+        return np.asarray(to_device(x, xp.__array_namespace_info__().default_device()))
 
 
 def float_dtype_for(xp, *arrays: Any):

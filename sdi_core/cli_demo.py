@@ -215,8 +215,8 @@ class RunOutcome:
         if self.comparison is not None:
             c = self.comparison
             lines.append(
-                f"sketch (dim {s.sketch_dim}) vs exact on {s.exact_train}x{s.exact_query}: Pearson {c['pearson']:.3f}, "
-                f"rel. error {c['rel_error']:.3f}, top-{c['k']} overlap {c['topk_overlap']:.2f}"
+                f"sketch (dim {s.sketch_dim}) vs exact on {s.exact_train}x{s.exact_query}: Pearson {c['pearson_trajectory']:.3f}, "
+                f"rel. error {c['rel_error_trajectory']:.3f}, top-{c['k']} overlap {c['topk_overlap_tracin']:.2f}"
             )
         lines.append("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         lines.append("CPU time:  " + ", ".join(f"{k} {v:.1f} s" for k, v in self.cpu_timings.items()))

@@ -122,11 +122,7 @@ class Features:
 
     def slot_labels(self) -> list[str]:
         """Human-readable label of each slot, e.g. ``["prelude", "loop[0]", ..., "coda"]``."""
-        labels = []
-        for g in self.layout.groups:
-            s = self.steps[g.name]
-            labels += [g.name] if s == 1 and g.name != "loop" else [f"{g.name}[{t}]" for t in range(s)]
-        return labels
+        return slot_labels(self.layout, self.steps)
 
     @property
     def xp(self):
@@ -159,25 +155,21 @@ class Features:
             ids = None if self.example_ids is None else self.example_ids[idx_np]
         return replace(self, data=data, example_ids=ids)
 
-    def check_compatible(self, other: "Features", what: str = "train and query features") -> None:
-        """Raise :class:`SDIError` naming the field when the two cannot be contracted."""
-        d = self.layout.diff(other.layout)
-        if d is not None:
-            raise SDIError(
-                f"Cannot combine {what}: {d}. Featurise both with the same sketch "
-                "(same dim and seed) and the same parameter selection."
-            )
-        ids_a = [c.id for c in self.checkpoints]
-        ids_b = [c.id for c in other.checkpoints]
-        if ids_a != ids_b:
-            raise SDIError(
-                f"Cannot combine {what}: they were featurised at different checkpoints "
-                f"({ids_a} vs {ids_b}). Pass the same checkpoints list to both featurize calls."
-            )
-        etas_a = [c.eta for c in self.checkpoints]
-        etas_b = [c.eta for c in other.checkpoints]
-        if not np.allclose(etas_a, etas_b, rtol=1e-12, atol=0):
-            raise SDIError(f"Cannot combine {what}: checkpoint etas differ ({etas_a} vs {etas_b}).")
+    def check_compatible(self, other, what: str = "train and query features") -> dict[str, np.ndarray | None]:
+        """:func:`check_compatible` of ``self`` and ``other`` (a ``Features`` or a ``FeatureStore``)."""
+        return check_compatible(self, other, what)
+
+    def iter_blocks(self, block_rows: int, start: int = 0, stop: int | None = None):
+        """Yield ``(row_start, row_stop, [{group: [n, S, D]} per checkpoint])`` over rows ``[start, stop)``.
+
+        Blocks of ``block_rows`` rows from ``start`` (the last may be shorter), as views on the
+        features' own namespace and device: the row-source protocol that scoring reads
+        (:meth:`sdi_core.store.FeatureStore.iter_blocks` yields the same).
+        """
+        stop = self.n_examples if stop is None else min(stop, self.n_examples)
+        for a in range(start, stop, block_rows):
+            b = min(stop, a + block_rows)
+            yield a, b, [{g.name: blk[g.name][a:b, ...] for g in self.layout.groups} for blk in self.data]
 
     @staticmethod
     def concat(parts: Sequence["Features"]) -> "Features":
@@ -187,7 +179,7 @@ class Features:
             raise SDIError("Features.concat needs at least one part.")
         first = parts[0]
         for p in parts[1:]:
-            first.check_compatible(p, "feature batches")
+            check_compatible(first, p, "feature batches", ordered=True)
             if p.summed != first.summed:
                 raise SDIError("Features.concat: cannot mix step-summed and per-step features.")
             if p.steps != first.steps:
@@ -213,3 +205,47 @@ class Features:
             f"Features(N={self.n_examples}, checkpoints={len(self.checkpoints)}, {groups}, "
             f"sketch={dict(self.layout.sketch)}{', summed' if self.summed else ''})"
         )
+
+
+def slot_labels(layout: FeatureLayout, steps: Mapping[str, int]) -> list[str]:
+    """Label of each slot of a feature set, e.g. ``["prelude", "loop[0]", ..., "coda"]``."""
+    labels = []
+    for g in layout.groups:
+        s = steps[g.name]
+        labels += [g.name] if s == 1 and g.name != "loop" else [f"{g.name}[{t}]" for t in range(s)]
+    return labels
+
+
+def check_compatible(a, b, what: str = "train and query features", *, ordered: bool = False):
+    """The one check that two feature sets can be combined; returns how to line up their columns.
+
+    ``a`` and ``b`` are :class:`Features`, :class:`~sdi_core.store.FeatureStore`
+    or anything with a ``layout`` and ``checkpoints``.  They must share the
+    sketch, the parameters (matched by name and canonical shape, in any order
+    within a group unless ``ordered``) and the checkpoints (ids, etas, and
+    training steps where both record them).  Loop counts and dtypes may differ.
+
+    Returns:
+        per group, the columns of ``b`` in ``a``'s parameter order, or None
+        where the orders agree (:meth:`~sdi_core.specs.FeatureLayout.column_order`).
+
+    Raises:
+        SDIError: naming the first field that differs, and the fix.
+    """
+    d = a.layout.diff(b.layout, ordered=ordered)
+    if d is None:
+        ids_a, ids_b = [c.id for c in a.checkpoints], [c.id for c in b.checkpoints]
+        etas_a, etas_b = [c.eta for c in a.checkpoints], [c.eta for c in b.checkpoints]
+        steps = [(c.step, e.step) for c, e in zip(a.checkpoints, b.checkpoints)]
+        if ids_a != ids_b:
+            d = f"checkpoints differ: they were featurised at different checkpoints ({ids_a} vs {ids_b})"
+        elif not np.allclose(etas_a, etas_b, rtol=1e-12, atol=0):
+            d = f"checkpoint etas differ ({etas_a} vs {etas_b})"
+        elif any(s is not None and t is not None and s != t for s, t in steps):
+            d = f"checkpoints differ: training steps {[s for s, _ in steps]} vs {[t for _, t in steps]}"
+    if d is not None:
+        raise SDIError(
+            f"Cannot combine {what}: {d}. Featurise both with the same sketch (kind, dim and seed), the same "
+            "parameter selection of the same model, and the same checkpoints list."
+        )
+    return a.layout.column_order(b.layout)

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .factors import SDIError
+from .metrics import compare as _compare, spearman as _spearman
 
 __all__ = [
     "FIGURES",
@@ -257,87 +258,9 @@ def _slot_axis(ax, slot_labels: Sequence[str], what: str = "query slot") -> None
     ax.set_xlabel(f"{what}: loop step t" + (" (pre = prelude slot)" if many and "prelude" in slot_labels else ""))
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    b = np.asarray(b, dtype=np.float64).reshape(-1)
-    a = a - a.mean()
-    b = b - b.mean()
-    den = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b / den) if den > 0 else float("nan")
-
-
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), for Spearman correlation."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return sums[inv] / counts[inv]
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return _pearson(_rank(a), _rank(b)) if len(a) > 1 else float("nan")
-
-
-def _rel_error(approx: np.ndarray, exact: np.ndarray) -> float:
-    den = float(np.linalg.norm(exact))
-    return float(np.linalg.norm(approx - exact) / den) if den > 0 else float("nan")
-
-
-def _topk_sets(scores: np.ndarray, k: int) -> np.ndarray:
-    """``[n_query, k]`` indices of the k largest scores of each column of ``scores [n_train, n_query]``."""
-    return np.argsort(-scores, axis=0, kind="stable")[:k].T
-
-
 def compare_sketch_exact(sketch: np.ndarray, exact: np.ndarray, k: int = 10) -> dict:
-    """How well sketched trajectories match exact ones.
-
-    Args:
-        sketch, exact: ``[n_train, n_query, S]`` query-step trajectories of the
-            same examples.
-        k: size of the top-k sets compared (clipped to ``n_train``).
-
-    Returns:
-        dict with
-
-        - ``pearson``: Pearson correlation over all trajectory entries ``(i, j, t)``;
-        - ``rel_error``: ``||sketch - exact||_F / ||exact||_F`` over all entries;
-        - ``pearson_tracin``, ``rel_error_tracin``: the same for TracIn (sum over slots);
-        - ``rel_error_per_slot``: ``[S]`` relative error of each slot;
-        - ``pearson_per_slot``: ``[S]``;
-        - ``topk_overlap``: mean over queries of ``|top_k(sketch) & top_k(exact)| / k``,
-          ranking train examples by TracIn (largest first);
-        - ``topk_overlap_curve``: ``[k]`` the same overlap for ``1..k``;
-        - ``k``: the ``k`` used.
-    """
-    s = np.asarray(sketch, dtype=np.float64)
-    e = np.asarray(exact, dtype=np.float64)
-    if s.ndim != 3 or s.shape != e.shape:
-        raise SDIError(
-            f"compare_sketch_exact: expected two [n_train, n_query, S] arrays of the same shape; got {s.shape} "
-            f"and {e.shape}."
-        )
-    if s.shape[0] == 0 or s.shape[1] == 0:
-        raise SDIError("compare_sketch_exact: the comparison needs at least one train and one query example.")
-    k = int(max(1, min(int(k), s.shape[0])))
-    ts, te = s.sum(axis=2), e.sum(axis=2)
-    curve = []
-    for kk in range(1, k + 1):
-        a, b = _topk_sets(ts, kk), _topk_sets(te, kk)
-        curve.append(float(np.mean([len(set(x) & set(y)) / kk for x, y in zip(a, b)])))
-    return {
-        "pearson": _pearson(s, e),
-        "rel_error": _rel_error(s, e),
-        "pearson_tracin": _pearson(ts, te),
-        "rel_error_tracin": _rel_error(ts, te),
-        "rel_error_per_slot": [_rel_error(s[..., t], e[..., t]) for t in range(s.shape[2])],
-        "pearson_per_slot": [_pearson(s[..., t], e[..., t]) for t in range(s.shape[2])],
-        "topk_overlap": curve[-1],
-        "topk_overlap_curve": curve,
-        "k": k,
-    }
+    """How well sketched trajectories ``[n_train, n_query, S]`` match exact ones: :func:`sdi_core.metrics.compare`."""
+    return _compare(sketch, exact, k=k)
 
 
 def step_profile(trajectory: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
@@ -661,7 +584,7 @@ def _plot_exact(cmp: ExactComparison, labels: Sequence[str], metrics: dict, path
         a0.minorticks_off()
     a0.set_xlabel("exact I(i, j, t)" + (" (symmetric log scale)" if scaled else ""))
     a0.set_ylabel("sketched I(i, j, t)")
-    a0.set_title(f"Pearson {metrics['pearson']:.3f}, rel. error {metrics['rel_error']:.3f}")
+    a0.set_title(f"Pearson {metrics['pearson_trajectory']:.3f}, rel. error {metrics['rel_error_trajectory']:.3f}")
     a0.legend(fontsize=7, ncol=2, markerscale=2, loc="lower right")
     x = np.arange(nslot)
     errs = np.asarray(metrics["rel_error_per_slot"], dtype=np.float64)
@@ -678,7 +601,7 @@ def _plot_exact(cmp: ExactComparison, labels: Sequence[str], metrics: dict, path
     a2.set_ylim(0, 1.05)
     a2.set_xlabel("k")
     a2.set_ylabel("top-k overlap (fraction shared)")
-    a2.set_title(f"Top-k by TracIn: overlap@{metrics['k']} = {metrics['topk_overlap']:.2f}")
+    a2.set_title(f"Top-k by TracIn: overlap@{metrics['k']} = {metrics['topk_overlap_tracin']:.2f}")
     dim = f"TensorSketch dim {cmp.sketch_dim}" if cmp.sketch_dim else "sketch"
     fig.suptitle(f"{dim} vs exact gradients: {s.shape[0]} train x {s.shape[1]} query examples", fontsize=11)
     return _save(fig, path)
@@ -880,11 +803,11 @@ def write_report(
         doc.table(
             ["metric", "value"],
             [
-                ["Pearson r, all I(i, j, t)", f"{m['pearson']:.4f}"],
-                ["relative error, all I(i, j, t)", f"{m['rel_error']:.4f}"],
+                ["Pearson r, all I(i, j, t)", f"{m['pearson_trajectory']:.4f}"],
+                ["relative error, all I(i, j, t)", f"{m['rel_error_trajectory']:.4f}"],
                 ["Pearson r, TracIn", f"{m['pearson_tracin']:.4f}"],
                 ["relative error, TracIn", f"{m['rel_error_tracin']:.4f}"],
-                [f"top-{m['k']} overlap (TracIn ranking)", f"{m['topk_overlap']:.3f}"],
+                [f"top-{m['k']} overlap (TracIn ranking)", f"{m['topk_overlap_tracin']:.3f}"],
             ],
         )
 

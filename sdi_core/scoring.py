@@ -1,39 +1,44 @@
-"""Streamed scoring: influence of a train store (larger than memory) on in-memory queries.
+"""Streamed scoring: influence of a train row source (a store larger than memory) on in-memory queries.
 
-The train side is read block by block from a :class:`~sdi_core.store.FeatureStore`
-(memory maps, no copy when a block sits in one shard); the query side is held
-in memory, already scaled by ``eta_k``.  For every block the work is one GEMM
-per checkpoint and group,
+``score_store`` is plan, prepare, loop, assemble over the kernel of
+:mod:`sdi_core.algebra`:
 
-    tile[(j, t), i] = sum_k eta_k <Q_k(j, t), T_k(i)>      [N_query * S_query, block]
-
-(``T_k`` the train features summed over their steps), followed by a running
-top-k merge that touches each score once: a comparison against the current
-k-th best of every row, and an exact merge of the few candidates that beat it.
-
-Results (:class:`StreamedScores`): top-k train examples for every query and
-query slot, and for every query in total (TracIn), plus dense arrays only
-when asked and when they fit the memory budget.  Memory stays under
-``budget`` bytes: the block size is derived from it.
+- *plan*: the largest train block that keeps the prepared query, the working
+  block and its tiles, and the dense outputs under ``budget`` bytes;
+- *prepare*: the query side once (:func:`~sdi_core.algebra.prepare_query`:
+  eta- and cosine-scaled, checkpoints side by side, columns in the train
+  side's parameter order);
+- *loop*: train blocks on a fixed grid of the whole store, moved to the
+  query's namespace and device (for torch on an accelerator through pinned
+  memory, the next block read and sent while the device contracts this one),
+  one matrix product per group and block, and exact running top-k mergers on
+  the same device;
+- *assemble*: only the winners (and any dense outputs asked for) come back to
+  NumPy.
 
 Exactness: in float64 every number equals :func:`sdi_core.influence` to float
-rounding (different blocking changes only the order of additions), and top-k
-ties are broken as there: the smaller train index wins.
+rounding (blocking changes only the order of additions), and top-k ties are
+broken as there: the smaller train index wins.  Block boundaries do not
+depend on ``rank``/``world_size``, so every rank computes its rows with the
+arithmetic of a one-process run: merged parts are bit-identical to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any, Sequence
 
 import numpy as np
+from array_api_compat import to_device
 
-from ._array import to_numpy
-from .algebra import NORMALIZE, TopK
+from ._array import array_namespace, device_or_none, float_dtype_for, is_numpy_namespace, is_torch_namespace, to_numpy
+from .algebra import NORMALIZE, Query, TopK, contract, prepare_query, query_parts, self_influence_rows, train_rows
 from .factors import SDIError
-from .features import Features
+from .features import Features, check_compatible, slot_labels
 from .store import FeatureStore
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "BlockPlan",
     "StreamedScores",
     "SelfInfluence",
+    "make_merger",
     "score_store",
     "self_influence_store",
     "plan_blocks",
@@ -198,10 +204,68 @@ class _TopKMerger:
             self.index[r0:r1] = np.take_along_axis(idx, order, axis=1)
 
 
-def _topk_order(scores: np.ndarray, index: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """Positions of the top ``k`` along the last axis of candidate ``scores``/``index``: ties by smaller index."""
-    key = -scores if largest else scores
-    return np.lexsort((index, key), axis=-1)[..., :k]
+class _ArrayTopK:
+    """Exact running top-k on the scores' own namespace and device; only :meth:`result` copies to NumPy.
+
+    Same interface and order as :class:`_TopKMerger` (score descending, or
+    ascending when not ``largest``, then train index ascending), written in
+    the array API: keys ``[k, rows]`` (``-score`` or ``score``: smaller is
+    better) merge with a block by one stable sort of the current ``k`` and
+    the block's candidates.  A block none of whose scores beats any column's
+    current k-th best is skipped after one comparison.  On torch the block is
+    first cut to its own best ``k`` per column (``topk``) unless a value ties
+    across that cut, so the sort sees ``2k`` candidates instead of ``k + b``.
+    """
+
+    def __init__(self, xp, rows: int, k: int, largest: bool, dtype, device) -> None:
+        self.xp, self.k, self.largest, self.device = xp, k, largest, device
+        self.keys = xp.full((k, rows), math.inf, dtype=dtype, device=device)
+        self.index = xp.full((k, rows), -1, dtype=xp.int64, device=device)
+        self.seen = 0
+
+    def update(self, scores, offset: int) -> None:
+        """Merge ``scores [b, rows]`` of train rows ``offset .. offset + b``."""
+        xp, k = self.xp, self.k
+        keys = xp.astype(-scores if self.largest else scores, self.keys.dtype, copy=False)
+        b = keys.shape[0]
+        index = xp.broadcast_to(xp.arange(offset, offset + b, dtype=xp.int64, device=self.device)[:, None], keys.shape)
+        if self.seen >= k:
+            if not bool(xp.any(keys < self.keys[k - 1 : k, :])):
+                self.seen += b
+                return
+            if b > k and is_torch_namespace(xp):
+                keys, index = self._narrow(keys, index)
+        self.seen += b
+        cand_k, cand_i = xp.concat([self.keys, keys], axis=0), xp.concat([self.index, index], axis=0)
+        order = xp.argsort(cand_k, axis=0, stable=True)[:k, :]  # stable: current entries (smaller indices) first
+        self.keys = xp.take_along_axis(cand_k, order, axis=0)
+        self.index = xp.take_along_axis(cand_i, order, axis=0)
+
+    def _narrow(self, keys, index):
+        """The block's best ``k`` per column in index order, or the whole block where a value ties across the cut."""
+        xp = self.xp
+        vals, pos = xp.topk(keys, self.k, dim=0, largest=False, sorted=False)
+        cut = xp.max(vals, axis=0)
+        if bool(xp.any(xp.sum(xp.astype(keys <= cut, xp.int64), axis=0) > self.k)):
+            return keys, index
+        pos = xp.sort(pos, axis=0)
+        return xp.take_along_axis(keys, pos, axis=0), xp.take_along_axis(index, pos, axis=0)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices [rows, k], scores [rows, k] float64)``, best first."""
+        keys = to_numpy(self.keys).astype(np.float64).T
+        return np.ascontiguousarray(to_numpy(self.index).T), (-keys if self.largest else keys)
+
+
+def make_merger(xp, rows: int, k: int, largest: bool, dtype, device=None, merge_bytes: int | None = None):
+    """The running top-k merger for scores in namespace ``xp``: NumPy's thresholded one, else :class:`_ArrayTopK`.
+
+    Both take blocks ``[b, rows]`` through ``update(scores, offset)`` and give
+    ``(indices [rows, k], scores [rows, k])`` NumPy arrays from ``result()``.
+    """
+    if is_numpy_namespace(xp):
+        return _TopKMerger(rows, k, largest, np.dtype(dtype), merge_bytes or _MERGE_BYTES_MAX)
+    return _ArrayTopK(xp, rows, k, largest, dtype, device)
 
 
 # --------------------------------------------------------------------------- results
@@ -262,52 +326,22 @@ class StreamedScores:
         def merge_topk(tops: list[TopK | None]) -> TopK | None:
             if tops[0] is None:
                 return None
-            idx = np.concatenate([t.indices for t in tops], axis=-1)
-            sc = np.concatenate([t.scores for t in tops], axis=-1)
-            ids = np.concatenate([t.ids for t in tops], axis=-1)
-            order = _topk_order(sc, idx, first.k, first.largest)
+            idx, sc, ids = (np.concatenate([t[i] for t in tops], axis=-1) for i in range(3))
+            order = np.lexsort((idx, -sc if first.largest else sc), axis=-1)[..., : first.k]  # ties: smaller index
             return TopK(*(np.take_along_axis(a, order, axis=-1) for a in (idx, sc, ids)))
 
-        def cat(name: str):
-            arrs = [getattr(p, name) for p in parts]
-            return None if arrs[0] is None else np.concatenate(arrs, axis=0)
-
-        return StreamedScores(
-            slot_topk=merge_topk([p.slot_topk for p in parts]),
-            total_topk=merge_topk([p.total_topk for p in parts]),
-            slot_labels=first.slot_labels,
-            train_slot_labels=first.train_slot_labels,
-            rows=(parts[0].rows[0], parts[-1].rows[1]),
-            n_train=first.n_train,
-            query_ids=first.query_ids,
-            k=first.k,
-            largest=first.largest,
-            block_rows=first.block_rows,
-            trajectory=cat("trajectory"),
-            tracin=cat("tracin"),
-            train_trajectory=cat("train_trajectory"),
-            step_matrix=cat("step_matrix"),
-            meta=dict(first.meta),
-        )
+        dense = {d: None if getattr(first, d) is None else np.concatenate([getattr(p, d) for p in parts]) for d in DENSE_KINDS}
+        return replace(first, slot_topk=merge_topk([p.slot_topk for p in parts]), rows=(first.rows[0], parts[-1].rows[1]),
+                       total_topk=merge_topk([p.total_topk for p in parts]), meta=dict(first.meta), **dense)
 
     def to_npz(self, path: str | os.PathLike) -> None:
         """Save every computed array (and the labels) to a ``.npz`` file."""
-        arrays: dict[str, Any] = {
-            "slot_labels": np.asarray(self.slot_labels),
-            "train_slot_labels": np.asarray(self.train_slot_labels),
-            "rows": np.asarray(self.rows),
-            "query_ids": self.query_ids,
-        }
+        arrays: dict[str, Any] = {"slot_labels": np.asarray(self.slot_labels), "rows": np.asarray(self.rows),
+                                  "train_slot_labels": np.asarray(self.train_slot_labels), "query_ids": self.query_ids}
         for name in ("slot_topk", "total_topk"):
-            t = getattr(self, name)
-            if t is not None:
-                arrays[f"{name}_indices"] = t.indices
-                arrays[f"{name}_scores"] = t.scores
-                arrays[f"{name}_ids"] = t.ids
-        for name in DENSE_KINDS:
-            a = getattr(self, name)
-            if a is not None:
-                arrays[name] = a
+            if getattr(self, name) is not None:
+                arrays.update({f"{name}_{f}": getattr(getattr(self, name), f) for f in TopK._fields})
+        arrays.update({d: getattr(self, d) for d in DENSE_KINDS if getattr(self, d) is not None})
         np.savez(os.fspath(path), **arrays)
 
     def table(self, max_queries: int | None = 20) -> str:
@@ -346,67 +380,6 @@ class SelfInfluence:
     slot_labels: list[str]
 
 
-# --------------------------------------------------------------------------- sources
-
-
-class _Source:
-    """Uniform row-block access to a FeatureStore or to in-memory NumPy Features."""
-
-    def __init__(self, obj: FeatureStore | Features | str | os.PathLike, what: str) -> None:
-        if isinstance(obj, (str, os.PathLike)):
-            obj = FeatureStore(obj)
-        if isinstance(obj, FeatureStore):
-            self.store, self.features = obj, None
-            self.layout, self.checkpoints, self.steps = obj.layout, obj.checkpoints, dict(obj.steps)
-            self.summed, self.dtype, self.n = obj.summed, obj.dtype, obj.n_examples
-            self.example_ids = obj.example_ids
-            self.meta = obj.meta
-        elif isinstance(obj, Features):
-            f = obj.to_numpy()
-            self.store, self.features = None, f
-            self.layout, self.checkpoints, self.steps = f.layout, f.checkpoints, dict(f.steps)
-            self.summed, self.n = f.summed, f.n_examples
-            self.dtype = np.result_type(*[a.dtype for blk in f.data for a in blk.values()])
-            self.example_ids = f.example_ids
-            self.meta = None
-        else:
-            raise SDIError(
-                f"{what} must be a FeatureStore, a store path or sdi_core.Features; got {type(obj).__name__}."
-            )
-
-    def as_features(self) -> Features:
-        if self.features is not None:
-            return self.features
-        return self.store.as_features(in_memory=len(self.store.segments) > 1)
-
-    def slot_labels(self) -> list[str]:
-        labels = []
-        for g in self.layout.groups:
-            s = self.steps[g.name]
-            labels += [g.name] if s == 1 and g.name != "loop" else [f"{g.name}[{t}]" for t in range(s)]
-        return labels
-
-    def stored_steps(self, group: str) -> int:
-        return 1 if self.summed else self.steps[group]
-
-    def iter_blocks(self, block_rows: int, start: int, stop: int):
-        if self.store is not None:
-            yield from self.store.iter_blocks(block_rows, start, stop)
-            return
-        for a in range(start, stop, block_rows):
-            b = min(stop, a + block_rows)
-            yield a, b, [{g: arr[a:b] for g, arr in blk.items()} for blk in self.features.data]
-
-    def check_compatible(self, query: "_Source") -> None:
-        if self.store is not None:
-            other = query.store if query.store is not None else query.features
-            self.store.check_compatible(other, "the train store and the query features")
-        elif query.store is not None:
-            query.store.check_compatible(self.features, "the train features and the query store")
-        else:
-            self.features.check_compatible(query.features)
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -421,44 +394,145 @@ class BlockPlan:
     budget: int
 
 
-def plan_blocks(
-    budget: int,
-    *,
-    n_rows: int,
-    query_rows: int,
-    query_slots: int,
-    train_row_bytes: int,
-    work_row_bytes: int,
-    fixed_bytes: int,
-    dense_row_bytes: int,
-    tile_itemsize: int,
-    n_checkpoints: int,
-    block_rows: int | None = None,
-) -> BlockPlan:
+def plan_blocks(budget: int, *, n_rows: int, fixed_bytes: int, row_bytes: int, block_rows: int | None = None) -> BlockPlan:
     """Largest train block that keeps the resident memory under ``budget`` (pure bookkeeping).
 
-    Per train row of a block: the stored row (``train_row_bytes``, memory-mapped
-    pages), converted/summed copies (``work_row_bytes``), the score tile
-    (``query_rows * query_slots`` scores, twice with several checkpoints), the
-    TracIn tile, the candidate mask and the dense outputs' share.
+    ``fixed_bytes`` are held for the whole run (the prepared query, the
+    mergers' state, the dense outputs), ``row_bytes`` per train row of a block
+    (the block and its converted copy, its tiles, the mergers' scratch); the
+    top-k merge gets a scratch allowance of its own.  At most ``n_rows`` rows
+    and ``block_rows`` (default :data:`DEFAULT_BLOCK_ROWS`).
     """
-    cols = query_rows * query_slots
-    tile = cols * tile_itemsize * (2 if n_checkpoints > 1 else 1) + query_rows * tile_itemsize
-    mask = cols + query_rows
-    per_row = train_row_bytes + work_row_bytes + tile + mask + dense_row_bytes
     merge = int(min(_MERGE_BYTES_MAX, max(256 << 10, budget // 16)))
     avail = budget - fixed_bytes - merge
-    rows = avail // per_row if avail > 0 else 0
+    rows = avail // row_bytes if avail > 0 else 0
     if rows < 1:
-        need = fixed_bytes + merge + per_row
+        need = fixed_bytes + merge + row_bytes
         raise SDIError(
             f"Memory budget {budget} bytes is too small: the query side and dense outputs take {fixed_bytes} bytes "
-            f"and one train row {per_row} bytes (at least {need} bytes needed). Raise the budget, drop dense "
+            f"and one train row {row_bytes} bytes (at least {need} bytes needed). Raise the budget, drop dense "
             "outputs, or score fewer queries at a time."
         )
-    rows = min(int(rows), max(1, n_rows), DEFAULT_BLOCK_ROWS if block_rows is None else int(block_rows))
-    rows = max(1, rows)
-    return BlockPlan(rows, int(fixed_bytes), int(per_row), merge, int(budget))
+    rows = max(1, min(int(rows), max(1, n_rows), DEFAULT_BLOCK_ROWS if block_rows is None else int(block_rows)))
+    return BlockPlan(rows, int(fixed_bytes), int(row_bytes), merge, int(budget))
+
+
+def _plan(budget: int, src, q: Query, modes: Sequence[str], k: int, dense, n_dense: int, block_rows) -> BlockPlan:
+    """Bytes of one score_store run (see :func:`plan_blocks`), from the shapes alone."""
+    isz, nq, t_steps, sq = q.itemsize, q.n, dict(src.steps), sum(q.steps.values())
+    st = sum(t_steps.values())
+    widths = {g.name: g.width * len(src.checkpoints) for g in src.layout.groups}
+    stored = sum((1 if src.summed else t_steps[g]) * w for g, w in widths.items()) * _source_dtype(src).itemsize
+    per_step = sum(t_steps[g] * w for g, w in widths.items()) * isz
+    staged = not is_numpy_namespace(q.xp)  # two blocks in flight on the device; tiles copied to the host
+    scan = 1 if not staged else isz + 24  # per score: the NumPy merger's mask, or the device merger's sort
+    dense_row = nq * isz * sum({"trajectory": sq, "tracin": 1, "train_trajectory": st, "step_matrix": st * sq}[d]
+                               for d in dense)
+    per_mode = {"query": nq * (sq + 2) * isz + nq * (sq + 1) * scan, "tracin": 2 * nq * isz + nq * scan,
+                "train": 2 * nq * st * isz + per_step, "matrix": 3 * nq * st * sq * isz + per_step}
+    row = stored * (2 if staged else 1) + sum(widths.values()) * isz + sum(per_mode[m] for m in modes)
+    row += dense_row if staged else 0
+    fixed = q.nbytes + n_dense * dense_row + 16 * k * nq * (sq + 1)
+    return plan_blocks(budget, n_rows=src.n_examples, fixed_bytes=fixed, row_bytes=row, block_rows=block_rows)
+
+
+def _progress(on: bool, total: int, desc: str):
+    """A tqdm bar over ``total`` train rows when ``on``, else a stand-in that does nothing."""
+    if not on:
+        return contextlib.nullcontext(SimpleNamespace(update=lambda n: None))
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True)
+
+
+# --------------------------------------------------------------------------- sources and devices
+
+
+def _source(obj, what: str):
+    """A row source: a FeatureStore (or its path), Features, or anything with ``iter_blocks`` and a layout."""
+    if isinstance(obj, (str, os.PathLike)):
+        return FeatureStore(obj)
+    if isinstance(obj, (FeatureStore, Features)) or (hasattr(obj, "iter_blocks") and hasattr(obj, "layout")):
+        return obj
+    raise SDIError(f"{what} must be a FeatureStore, a store path or sdi_core.Features; got {type(obj).__name__}.")
+
+
+def _query_features(obj) -> Features:
+    src = _source(obj, "query")
+    if isinstance(src, FeatureStore):
+        return src.as_features(in_memory=len(src.segments) > 1)
+    if not isinstance(src, Features):
+        raise SDIError(f"query must be sdi_core.Features or a feature store; got {type(obj).__name__}.")
+    return src
+
+
+def _source_dtype(src) -> np.dtype:
+    if getattr(src, "dtype", None) is not None:  # a store (or any row source that says)
+        return np.dtype(src.dtype)
+    block = src.data if isinstance(src, Features) else next(src.iter_blocks(1, 0, 1))[2]
+    arrays = [a for blk in block for a in blk.values()]
+    xp = array_namespace(*arrays)
+    return np.dtype("float64" if float_dtype_for(xp, *arrays) == xp.float64 else "float32")
+
+
+def _space(train, query: Features):
+    """The namespace and device scoring runs on: in-memory non-NumPy train features' own, else the query's."""
+    on = train if isinstance(train, Features) and not is_numpy_namespace(train.xp) else query
+    first = next(iter(on.data[0].values()))
+    return on.xp, device_or_none(first)
+
+
+def _move(xp, device, a):
+    """``a`` on namespace ``xp`` and ``device``.
+
+    NumPy arrays (store blocks) are staged: for torch on an accelerator into
+    page-locked memory and sent asynchronously (torch's pinned pool keeps
+    each buffer until its copy is done), elsewhere with one transfer.
+    """
+    if isinstance(a, np.ndarray):
+        if is_numpy_namespace(xp):
+            return a
+        if is_torch_namespace(xp) and getattr(device, "type", "cpu") != "cpu":
+            buf = xp.empty(a.shape, dtype=getattr(xp, a.dtype.name), device="cpu", pin_memory=True)
+            np.copyto(buf.numpy(), a)
+            return buf.to(device, non_blocking=True)
+        return xp.asarray(np.array(a) if is_torch_namespace(xp) else a, device=device)  # torch: a writable copy
+    if array_namespace(a) is not xp:
+        raise SDIError(
+            f"Train and query features are arrays of different libraries ({type(a).__module__} and {xp.__name__}); "
+            "convert one side (e.g. Features.to_numpy())."
+        )
+    return a if device is None or device_or_none(a) == device else to_device(a, device)
+
+
+def _on(xp, device, block: list[dict]) -> list[dict]:
+    return [{g: _move(xp, device, a) for g, a in blk.items()} for blk in block]
+
+
+def _tiles(src, q: Query, modes: Sequence[str], normalize, block_rows: int, start: int, stop: int):
+    """Yield ``(row_start, row_stop, {mode: tile})`` over train rows ``[start, stop)``.
+
+    Blocks lie on a grid of ``block_rows`` from row 0 of the source, so every
+    row is computed in the block, with the arithmetic, of a one-process run
+    whatever the rank split (rows outside ``[start, stop)`` are cut from the
+    tiles).  The next block is read and sent to the device while the device
+    contracts this one.  Mode ``"query"`` gives :func:`query_parts`.
+    """
+    lo, hi = start // block_rows * block_rows, min(src.n_examples, -(-stop // block_rows) * block_rows)
+    blocks = ((a, b, _on(q.xp, q.device, blk)) for a, b, blk in src.iter_blocks(block_rows, lo, hi))
+    nxt = next(blocks, None)
+    while nxt is not None:
+        a, b, block = nxt
+        rows, tiles = {}, {}
+        for m in modes:
+            per_step = m in ("train", "matrix")
+            if per_step not in rows:
+                rows[per_step] = train_rows(block, per_step=per_step, normalize=normalize, xp=q.xp, dtype=q.dtype)
+            tiles[m] = query_parts(rows[per_step], q) if m == "query" else contract(rows[per_step], q, m)
+        del rows, block
+        nxt = next(blocks, None)
+        cut = slice(max(a, start) - a, min(b, stop) - a)
+        yield max(a, start), min(b, stop), {m: [p[cut, ...] for p in t] if m == "query" else t[cut, ...] for m, t in tiles.items()}
 
 
 # --------------------------------------------------------------------------- scoring
@@ -468,18 +542,79 @@ def _rank_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def _norms(blocks: list[dict[str, np.ndarray]], groups: Sequence[str], dtype) -> list[np.ndarray]:
-    """Per checkpoint: norm of each row's step-summed gradient over all groups (1 where zero)."""
-    out = []
-    for blk in blocks:
-        sq = None
-        for g in groups:
-            tot = np.sum(blk[g], axis=1, dtype=dtype)
-            part = np.einsum("ij,ij->i", tot, tot)
-            sq = part if sq is None else sq + part
-        n = np.sqrt(sq)
-        out.append(np.where(n > 0, n, 1).astype(dtype, copy=False))
-    return out
+class _Assembly:
+    """score_store's outputs as the tiles arrive: top-k mergers on the device, dense arrays on the host."""
+
+    def __init__(self, q: Query, t_slots: int, k: int, largest: bool, slots: bool, total: bool, dense, n_rows: int,
+                 start: int, merge_bytes: int) -> None:
+        xp, self.q, self.start, self.k = q.xp, q, start, k
+        self.slot = {g: make_merger(xp, q.n * q.steps[g], k, largest, q.dtype, q.device, merge_bytes)
+                     for g in q.groups} if slots else {}
+        self.total = make_merger(xp, q.n, k, largest, q.dtype, q.device, merge_bytes) if total else None
+        sq, npdt = sum(q.steps.values()), np.dtype("float64" if q.dtype == xp.float64 else "float32")
+        shapes = {"trajectory": (sq,), "tracin": (), "train_trajectory": (t_slots,), "step_matrix": (t_slots, sq)}
+        self.out = {d: np.empty((n_rows, q.n) + shapes[d], dtype=npdt) for d in dense}
+        self.ones = {s: xp.ones((s,), dtype=q.dtype, device=q.device) for s in set(q.steps.values())}
+
+    def add(self, lo: int, hi: int, tiles: dict) -> None:
+        xp, q, rows = self.q.xp, self.q, slice(lo - self.start, hi - self.start)
+        tot, s0 = tiles.get("tracin"), 0
+        for g, part in zip(q.groups, tiles.get("query", ())):
+            if g in self.slot:
+                self.slot[g].update(part, lo)
+            view = xp.reshape(part, (hi - lo, q.n, q.steps[g]))
+            if "trajectory" in self.out:
+                self.out["trajectory"][rows, :, s0 : s0 + q.steps[g]] = to_numpy(view)
+            if self.total is not None or "tracin" in self.out:
+                # Sum over steps as a matrix-vector product: far faster than a short last-axis reduction.
+                part_tot = xp.matmul(view, self.ones[q.steps[g]])
+                tot = part_tot if tot is None else tot + part_tot
+            s0 += q.steps[g]
+        if self.total is not None:
+            self.total.update(tot, lo)
+        for name, tile in (("tracin", tot), ("train_trajectory", tiles.get("train")), ("step_matrix", tiles.get("matrix"))):
+            if name in self.out:
+                self.out[name][rows] = to_numpy(tile)
+
+    def topk(self, ids) -> tuple[TopK | None, TopK | None]:
+        """``(slot_topk [N_query, S_query, k], total_topk [N_query, k])``, None where not kept."""
+        def top(idx, sc):
+            return TopK(idx, sc, idx if ids is None else ids[idx])
+
+        slot = total = None
+        if self.slot:
+            parts = [(m.result(), self.q.steps[g]) for g, m in self.slot.items()]
+            slot = top(*(np.concatenate([r[i].reshape(self.q.n, s, self.k) for r, s in parts], axis=1) for i in (0, 1)))
+        if self.total is not None:
+            total = top(*self.total.result())
+        return slot, total
+
+
+def _check_score_args(tr, qf: Features, k, dense, normalize, rank, world_size, block_rows, dtype) -> tuple:
+    """Validate score_store's arguments; returns ``(dense kinds, computation dtype)``."""
+    if qf.summed:
+        raise SDIError("The query features were summed over steps; the query side must keep its steps.")
+    if normalize not in NORMALIZE:
+        raise SDIError(f"score_store(normalize={normalize!r}): expected one of {NORMALIZE}.")
+    dense = tuple(dense or ())
+    bad = [d for d in dense if d not in DENSE_KINDS]
+    if bad:
+        raise SDIError(f"score_store(dense={dense!r}): unknown kinds {bad}; choose from {DENSE_KINDS}.")
+    if tr.summed and any(d in ("train_trajectory", "step_matrix") for d in dense):
+        raise SDIError(
+            "Train-step trajectories and step matrices need per-step train features, but the store was "
+            "summed over steps. Featurise the train side with summed=False."
+        )
+    for name, v, low in (("rank", rank, 0), ("world_size", world_size, 1), ("k", k, 0), ("block_rows", block_rows, 1)):
+        if (v is not None or name in ("rank", "world_size")) and (
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+            raise SDIError(f"score_store({name}={v!r}): must be an int >= {low}{'' if name[0] in 'rw' else ' or None'}.")
+    if rank >= world_size:
+        raise SDIError(f"score_store(rank={rank}, world_size={world_size}): need 0 <= rank < world_size.")
+    cdt = np.dtype(dtype) if dtype is not None else _source_dtype(tr)
+    if cdt.name not in ("float32", "float64"):
+        raise SDIError(f"score_store(dtype={dtype!r}): expected float32 or float64.")
+    return dense, cdt
 
 
 def score_store(
@@ -499,17 +634,22 @@ def score_store(
     dtype=None,
     progress: bool = False,
 ) -> StreamedScores:
-    """Score every query against a train store, block by block, under a memory budget.
+    """Score every query against a train row source, block by block, under a memory budget.
 
     Args:
         train: a :class:`~sdi_core.store.FeatureStore` (or its path), per step
-            or summed over steps; in-memory NumPy ``Features`` work too.
+            or summed over steps; in-memory ``Features`` (any namespace) or any
+            row source (:mod:`sdi_core.algebra`) work too.
         query: per-step query features (``Features``, or a store, loaded into
-            memory): same sketch, model and checkpoints as ``train``.
+            memory): same sketch, parameters (in any order) and checkpoints as
+            ``train``.  Scoring runs in the query's namespace and on its
+            device (in the train features' own when they are in memory and
+            not NumPy).
         k: how many train examples to keep per query (clipped to the rows
             scored); None or 0 for no top-k.
-        budget: bytes (or ``"2GiB"``) that the query side, the working blocks
-            and the dense outputs may occupy together.
+        budget: bytes (or ``"2GiB"``) that the prepared query, the working
+            blocks and their tiles (on the computation device) and the dense
+            outputs (on the host) may occupy together.
         slots: keep the top-k per query *slot* (``I(i, j, t)`` for each ``t``).
         total: keep the top-k per query by TracIn (``sum_t I(i, j, t)``).
         dense: any of ``"trajectory"`` ``[N, Nq, Sq]``, ``"tracin"`` ``[N, Nq]``,
@@ -520,7 +660,9 @@ def score_store(
         largest: rank by largest (proponents) or smallest (opponents) value.
         rank, world_size: score only train rows
             ``[N * rank // world_size, N * (rank + 1) // world_size)``;
-            combine the parts with :meth:`StreamedScores.merge`.
+            combine the parts with :meth:`StreamedScores.merge` (bit-identical
+            to one process: a rank also computes, and drops, the other rows of
+            the at most two blocks it shares with its neighbours).
         block_rows: cap on train rows per block (default: what the budget
             allows, at most :data:`DEFAULT_BLOCK_ROWS`).
         dtype: computation dtype; default the train store's (float32 stores
@@ -528,246 +670,41 @@ def score_store(
         progress: show a progress bar over train rows (tqdm).
 
     Returns:
-        :class:`StreamedScores`.
+        :class:`StreamedScores` (NumPy arrays).
     """
-    tr = _Source(train, "train")
-    qs = _Source(query, "query")
-    tr.check_compatible(qs)
-    if qs.summed:
-        raise SDIError("The query features were summed over steps; the query side must keep its steps.")
-    if normalize not in NORMALIZE:
-        raise SDIError(f"score_store(normalize={normalize!r}): expected one of {NORMALIZE}.")
-    dense = tuple(dense or ())
-    bad = [d for d in dense if d not in DENSE_KINDS]
-    if bad:
-        raise SDIError(f"score_store(dense={dense!r}): unknown kinds {bad}; choose from {DENSE_KINDS}.")
-    if tr.summed and any(d in ("train_trajectory", "step_matrix") for d in dense):
-        raise SDIError(
-            "Train-step trajectories and step matrices need per-step train features, but the store was "
-            "summed over steps. Featurise the train side with summed=False."
-        )
-    for name, v in (("rank", rank), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise SDIError(f"score_store({name}={v!r}): must be an int.")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise SDIError(f"score_store(rank={rank}, world_size={world_size}): need 0 <= rank < world_size.")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
-        raise SDIError(f"score_store(k={k!r}): must be a non-negative int or None.")
-    if block_rows is not None and (not isinstance(block_rows, (int, np.integer)) or block_rows < 1):
-        raise SDIError(f"score_store(block_rows={block_rows!r}): must be a positive int.")
-    budget = parse_bytes(budget)
-
-    start, stop = _rank_rows(tr.n, int(rank), int(world_size))
-    n_rows = stop - start
-    k = min(int(k or 0), n_rows)
+    tr, qf = _source(train, "train"), _query_features(query)
+    dense, cdt = _check_score_args(tr, qf, k, dense, normalize, rank, world_size, block_rows, dtype)
+    order = check_compatible(tr, qf, "the train store and the query features")
+    budget, (start, stop) = parse_bytes(budget), _rank_rows(tr.n_examples, int(rank), int(world_size))
+    k = min(int(k or 0), stop - start)
     want_slots, want_total = bool(slots) and k > 0, bool(total) and k > 0
-    cdt = np.dtype(dtype) if dtype is not None else np.dtype(tr.dtype)
-    if cdt.name not in ("float32", "float64"):
-        raise SDIError(f"score_store(dtype={dtype!r}): expected float32 or float64.")
-    isz = cdt.itemsize
-
-    groups = [g.name for g in tr.layout.groups]
-    widths = {g.name: g.width for g in tr.layout.groups}
-    qf = qs.as_features()
-    nq = qf.n_examples
-    q_steps = {g: qs.steps[g] for g in groups}
-    n_qslots = sum(q_steps.values())
-    t_slots = sum(tr.steps[g] for g in groups)
-    etas = [c.eta for c in tr.checkpoints]
-    K = len(etas)
-    need_tile = want_slots or want_total or "trajectory" in dense or "tracin" in dense
-    need_qsum = "train_trajectory" in dense
-
-    # Query side, eta- (and cosine-) scaled once, in the computation dtype: [(j, t), D] per (k, g).
-    q_norms = _norms([{g: np.asarray(qf.data[kk][g]) for g in groups} for kk in range(K)], groups, np.float64) \
-        if normalize == "cosine" else None
-    Q: list[dict[str, np.ndarray]] = []
-    Qsum: list[dict[str, np.ndarray]] = []
-    for kk in range(K):
-        Q.append({})
-        Qsum.append({})
-        for g in groups:
-            a = np.asarray(qf.data[kk][g], dtype=np.float64) * etas[kk]
-            if q_norms is not None:
-                a = a / q_norms[kk][:, None, None]
-            Q[kk][g] = np.ascontiguousarray(a.reshape(nq * q_steps[g], widths[g]), dtype=cdt)
-            if need_qsum:
-                Qsum[kk][g] = np.ascontiguousarray(a.sum(axis=1), dtype=cdt)
-    q_bytes = sum(a.nbytes for d in Q + Qsum for a in d.values())
-
-    # Dense outputs are resident for all rows; their GEMM scratch only per block row.
-    dense_row = 0
-    if "trajectory" in dense:
-        dense_row += nq * n_qslots * isz
-    if "tracin" in dense:
-        dense_row += nq * isz
-    if "train_trajectory" in dense:
-        dense_row += nq * t_slots * isz
-    if "step_matrix" in dense:
-        dense_row += nq * t_slots * n_qslots * isz
-    per_step_dense = "train_trajectory" in dense or "step_matrix" in dense
-    dense_work = dense_row - (nq * n_qslots * isz if "trajectory" in dense else 0) - (nq * isz if "tracin" in dense else 0)
-    if per_step_dense:
-        dense_work += sum(tr.steps[g] * widths[g] for g in groups) * isz
-    train_row = K * sum(tr.stored_steps(g) * widths[g] for g in groups) * np.dtype(tr.dtype).itemsize
-    convert = (not tr.summed) or cdt != np.dtype(tr.dtype) or normalize == "cosine"
-    work_row = sum(widths.values()) * isz if convert else 0
-    merger_bytes = 16 * k * (nq * n_qslots + nq)
-    plan = plan_blocks(
-        budget,
-        n_rows=n_rows,
-        query_rows=nq if need_tile else 0,
-        query_slots=n_qslots,
-        train_row_bytes=train_row,
-        work_row_bytes=work_row,
-        fixed_bytes=q_bytes + n_rows * dense_row + merger_bytes,
-        dense_row_bytes=dense_work,
-        tile_itemsize=isz,
-        n_checkpoints=K,
-        block_rows=block_rows,
-    )
-    bi_max = plan.block_rows
-
-    # Buffers reused across blocks (flat, reshaped per block so every view is contiguous).
-    cols_of = {g: nq * q_steps[g] for g in groups}
-    tile_buf = {g: np.empty(cols_of[g] * bi_max, dtype=cdt) for g in groups} if need_tile else {}
-    tmp_buf = np.empty(max(cols_of.values()) * bi_max, dtype=cdt) if need_tile and K > 1 else None
-    tot_buf = np.empty(nq * bi_max, dtype=cdt) if (want_total or "tracin" in dense) else None
-    work_buf = np.empty(max(widths.values()) * bi_max, dtype=cdt) if convert else None
-    step_ones = {s: np.ones(s, dtype=cdt) for s in set(q_steps.values())}
-
-    slot_mergers = {g: _TopKMerger(cols_of[g], k, largest, cdt, plan.merge_bytes) for g in groups} if want_slots else {}
-    total_merger = _TopKMerger(nq, k, largest, cdt, plan.merge_bytes) if want_total else None
-    out: dict[str, np.ndarray] = {}
-    if "trajectory" in dense:
-        out["trajectory"] = np.empty((n_rows, nq, n_qslots), dtype=cdt)
-    if "tracin" in dense:
-        out["tracin"] = np.empty((n_rows, nq), dtype=cdt)
-    if "train_trajectory" in dense:
-        out["train_trajectory"] = np.zeros((n_rows, nq, t_slots), dtype=cdt)
-    if "step_matrix" in dense:
-        out["step_matrix"] = np.zeros((n_rows, nq, t_slots, n_qslots), dtype=cdt)
-
-    q_slot0, t_slot0 = {}, {}
-    a = b = 0
-    for g in groups:
-        q_slot0[g], t_slot0[g] = a, b
-        a += q_steps[g]
-        b += tr.steps[g]
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_rows, desc="scoring", unit="row", unit_scale=True)
-    try:
-        for i0, i1, blocks in tr.iter_blocks(bi_max, start, stop):
-            bi = i1 - i0
-            r0, r1 = i0 - start, i1 - start
-            t_norms = _norms(blocks, groups, cdt) if normalize == "cosine" else None
-            # tiles[g][i, (j, t)]: train row i against query j at step t of group g.
-            tiles = {g: tile_buf[g][: bi * cols_of[g]].reshape(bi, cols_of[g]) for g in tile_buf}
-            for kk in range(K):
-                for g in groups:
-                    arr = np.asarray(blocks[kk][g])
-                    if need_tile:
-                        T = _summed_rows(arr, cdt, work_buf, bi, t_norms[kk] if t_norms is not None else None)
-                        if kk == 0:
-                            np.matmul(T, Q[kk][g].T, out=tiles[g])
-                        else:
-                            tmp = tmp_buf[: bi * cols_of[g]].reshape(bi, cols_of[g])
-                            np.matmul(T, Q[kk][g].T, out=tmp)
-                            tiles[g] += tmp
-                    if per_step_dense:
-                        _per_step_dense(arr, kk, g, Q, Qsum, out, r0, r1, nq, q_steps[g], tr.steps[g],
-                                        q_slot0[g], t_slot0[g], cdt, t_norms[kk] if t_norms is not None else None)
-            if need_tile:
-                for g in groups:
-                    if want_slots:
-                        slot_mergers[g].update(tiles[g], i0)
-                    if "trajectory" in dense:
-                        sl = slice(q_slot0[g], q_slot0[g] + q_steps[g])
-                        out["trajectory"][r0:r1, :, sl] = tiles[g].reshape(bi, nq, q_steps[g])
-                if tot_buf is not None:
-                    # Sum over steps as a matrix-vector product: far faster than a short last-axis reduction.
-                    tot = tot_buf[: bi * nq].reshape(bi, nq)
-                    for n, g in enumerate(groups):
-                        view = tiles[g].reshape(bi, nq, q_steps[g])
-                        ones = step_ones[q_steps[g]]
-                        if n == 0:
-                            np.matmul(view, ones, out=tot)
-                        else:
-                            tot += np.matmul(view, ones)
-                    if total_merger is not None:
-                        total_merger.update(tot, i0)
-                    if "tracin" in dense:
-                        out["tracin"][r0:r1] = tot
-            if bar is not None:
-                bar.update(bi)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    ids = tr.example_ids
-    slot_topk = total_topk = None
-    if want_slots:
-        idx = np.empty((nq, n_qslots, k), dtype=np.int64)
-        sc = np.empty((nq, n_qslots, k), dtype=np.float64)
-        for g in groups:
-            gi, gs = slot_mergers[g].result()
-            sl = slice(q_slot0[g], q_slot0[g] + q_steps[g])
-            idx[:, sl] = gi.reshape(nq, q_steps[g], k)
-            sc[:, sl] = gs.reshape(nq, q_steps[g], k)
-        slot_topk = TopK(idx, sc, idx if ids is None else ids[idx])
-    if want_total:
-        gi, gs = total_merger.result()
-        total_topk = TopK(gi, gs, gi if ids is None else ids[gi])
-    q_ids = qs.example_ids if qs.example_ids is not None else np.arange(nq)
+    tile = want_slots or "trajectory" in dense  # the query-step tile, else TracIn alone when that is all
+    modes = ["query" if tile else "tracin"] if tile or want_total or "tracin" in dense else []
+    modes += [m for m, d in (("train", "train_trajectory"), ("matrix", "step_matrix")) if d in dense]
+    # prepare: the query on the computation device, scaled once
+    xp, device = _space(tr, qf)
+    need = [n for n, ms in (("per_step", {"query", "matrix"}), ("summed", {"tracin", "train"})) if ms & set(modes)]
+    q = prepare_query(replace(qf, data=_on(xp, device, qf.data)), [c.eta for c in tr.checkpoints],
+                      normalize=normalize, order=order, need=need, dtype=getattr(xp, cdt.name))
+    # plan: block rows under the budget (the same in every rank), then loop and assemble
+    plan = _plan(budget, tr, q, modes, k, dense, -(-tr.n_examples // int(world_size)), block_rows)
+    acc = _Assembly(q, sum(tr.steps.values()), k, largest, want_slots, want_total, dense, stop - start, start,
+                    plan.merge_bytes)
+    with _progress(progress, stop - start, "scoring") as bar:
+        for lo, hi, tiles in _tiles(tr, q, modes, normalize, plan.block_rows, start, stop) if modes else ():
+            acc.add(lo, hi, tiles)
+            bar.update(hi - lo)
+    slot_topk, total_topk = acc.topk(tr.example_ids)
     return StreamedScores(
-        slot_topk=slot_topk,
-        total_topk=total_topk,
-        slot_labels=qs.slot_labels(),
-        train_slot_labels=tr.slot_labels(),
-        rows=(start, stop),
-        n_train=tr.n,
-        query_ids=np.asarray(q_ids),
-        k=k,
-        largest=bool(largest),
-        block_rows=bi_max,
+        slot_topk=slot_topk, total_topk=total_topk, slot_labels=qf.slot_labels(),
+        train_slot_labels=slot_labels(tr.layout, tr.steps), rows=(start, stop), n_train=tr.n_examples,
+        query_ids=np.asarray(qf.example_ids if qf.example_ids is not None else np.arange(q.n)), k=k,
+        largest=bool(largest), block_rows=plan.block_rows,
         meta={"budget": plan.budget, "bytes_per_row": plan.bytes_per_row, "fixed_bytes": plan.fixed_bytes,
-              "merge_bytes": plan.merge_bytes,
-              "dtype": cdt.name, "normalize": normalize},
-        **out,
+              "merge_bytes": plan.merge_bytes, "dtype": cdt.name, "normalize": normalize,
+              "namespace": xp.__name__, "device": str(device)},
+        **acc.out,
     )
-
-
-def _summed_rows(arr: np.ndarray, cdt, work_buf, bi: int, norms) -> np.ndarray:
-    """``[bi, S, D]`` stored rows -> ``[bi, D]`` summed over steps in ``cdt`` (a view when nothing to do)."""
-    d = arr.shape[2]
-    if arr.shape[1] == 1 and arr.dtype == cdt and norms is None:
-        return arr.reshape(bi, d)
-    T = work_buf[: bi * d].reshape(bi, d)
-    if arr.shape[1] == 1:
-        T[...] = arr.reshape(bi, d)
-    else:
-        np.sum(arr, axis=1, dtype=cdt, out=T)
-    if norms is not None:
-        T /= norms[:, None]
-    return T
-
-
-def _per_step_dense(arr, kk, g, Q, Qsum, out, r0, r1, nq, sq, st, q0, t0, cdt, norms) -> None:
-    """Train-step trajectory and step-matrix contributions of one checkpoint and group for a block."""
-    bi, _, d = arr.shape
-    T = np.asarray(arr, dtype=cdt).reshape(bi * st, d)
-    if norms is not None:
-        T = T / np.repeat(norms, st)[:, None]
-    if "train_trajectory" in out:
-        prod = np.matmul(T, Qsum[kk][g].T).reshape(bi, st, nq)
-        out["train_trajectory"][r0:r1, :, t0 : t0 + st] += prod.transpose(0, 2, 1)
-    if "step_matrix" in out:
-        prod = np.matmul(T, Q[kk][g].T).reshape(bi, st, nq, sq).transpose(0, 2, 1, 3)
-        out["step_matrix"][r0:r1, :, t0 : t0 + st, q0 : q0 + sq] += prod
 
 
 def self_influence_store(
@@ -781,44 +718,26 @@ def self_influence_store(
 ) -> SelfInfluence:
     """Self-influence ``I(i, i, t)`` (per-step store) and self-TracIn ``T(i, i)`` of every stored example.
 
-    Streams the store in blocks under ``budget`` bytes; computed in float64.
-    With ``rank``/``world_size`` only that rank's rows are returned.
+    Streams the row source in blocks under ``budget`` bytes, with the kernel
+    of :func:`sdi_core.self_influence`, in float64 on the source's own
+    namespace and device.  With ``rank``/``world_size`` only that rank's rows
+    are returned.
     """
-    src = _Source(store, "store")
+    src = _source(store, "store")
     if normalize not in NORMALIZE:
         raise SDIError(f"self_influence_store(normalize={normalize!r}): expected one of {NORMALIZE}.")
-    budget = parse_bytes(budget)
-    start, stop = _rank_rows(src.n, int(rank), int(world_size))
-    groups = [g.name for g in src.layout.groups]
+    budget, (start, stop) = parse_bytes(budget), _rank_rows(src.n_examples, int(rank), int(world_size))
     etas = [c.eta for c in src.checkpoints]
-    row_bytes = sum(src.stored_steps(g) * g_w for g, g_w in ((g.name, g.width) for g in src.layout.groups))
-    row_bytes = row_bytes * len(etas) * (np.dtype(src.dtype).itemsize + 8 * 2)
-    rows = max(1, budget // max(1, row_bytes))
-    n_slots = sum(src.steps[g] for g in groups)
-    per_slot = None if src.summed else np.zeros((stop - start, n_slots))
-    tracin = np.zeros(stop - start)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stop - start, desc="self-influence", unit="row", unit_scale=True)
-    for i0, i1, blocks in src.iter_blocks(int(rows), start, stop):
-        r0, r1 = i0 - start, i1 - start
-        norms = _norms(blocks, groups, np.float64) if normalize == "cosine" else None
-        for kk, eta in enumerate(etas):
-            s0 = 0
-            for g in groups:
-                a = np.asarray(blocks[kk][g], dtype=np.float64)
-                if norms is not None:
-                    a = a / norms[kk][:, None, None]
-                tot = a.sum(axis=1)
-                if per_slot is not None:
-                    s = a.shape[1]
-                    per_slot[r0:r1, s0 : s0 + s] += eta * np.einsum("isd,id->is", a, tot)
-                    s0 += s
-                tracin[r0:r1] += eta * np.einsum("id,id->i", tot, tot)
-        if bar is not None:
-            bar.update(i1 - i0)
-    if bar is not None:
-        bar.close()
-    return SelfInfluence(per_slot, tracin, src.slot_labels())
+    stored = sum((1 if src.summed else src.steps[g.name]) * g.width for g in src.layout.groups) * len(etas)
+    rows = max(1, budget // max(1, stored * (_source_dtype(src).itemsize + 8 * 2)))
+    per_slot, tracin = [], []
+    with _progress(progress, stop - start, "self-influence") as bar:
+        for lo, hi, block in src.iter_blocks(int(rows), start, stop):
+            xp = array_namespace(*[a for blk in block for a in blk.values()])
+            p, t = self_influence_rows(block, etas, per_slot=not src.summed, normalize=normalize, xp=xp, dtype=xp.float64)
+            per_slot.append(None if p is None else to_numpy(p))
+            tracin.append(to_numpy(t))
+            bar.update(hi - lo)
+    n_slots = sum(src.steps.values())
+    return SelfInfluence(None if src.summed else np.concatenate(per_slot or [np.zeros((0, n_slots))]),
+                         np.concatenate(tracin or [np.zeros(0)]), slot_labels(src.layout, src.steps))

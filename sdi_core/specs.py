@@ -242,26 +242,51 @@ class FeatureLayout:
             param_shapes={k: tuple(v) for k, v in d["param_shapes"].items()},
         )
 
-    def diff(self, other: "FeatureLayout") -> str | None:
-        """A sentence naming the first field that differs, or None when compatible."""
+    def diff(self, other: "FeatureLayout", *, ordered: bool = True) -> str | None:
+        """A sentence naming the first field that differs, or None when compatible.
+
+        Parameters are matched by name and canonical shape.  With ``ordered``
+        (writing one store, concatenating batches) the groups and the
+        parameters within each group must also come in the same order; without
+        it (contracting train with query features) any order is accepted and
+        :meth:`column_order` says how to line the columns up.
+        """
         if dict(self.sketch) != dict(other.sketch):
             return f"sketch differs: {dict(self.sketch)} vs {dict(other.sketch)}"
-        names_a = [g.name for g in self.groups]
-        names_b = [g.name for g in other.groups]
-        if names_a != names_b:
+        names_a, names_b = [g.name for g in self.groups], [g.name for g in other.groups]
+        if sorted(names_a) != sorted(names_b) or (ordered and names_a != names_b):
             return f"parameter groups differ: {names_a} vs {names_b}"
-        for ga, gb in zip(self.groups, other.groups):
-            if ga.params != gb.params:
+        for ga in self.groups:
+            gb = other.group(ga.name)
+            if sorted(ga.params) != sorted(gb.params) or (ordered and ga.params != gb.params):
                 only_a = sorted(set(ga.params) - set(gb.params))
                 only_b = sorted(set(gb.params) - set(ga.params))
                 return (
-                    f"parameters of group {ga.name!r} differ (only in first: {only_a}, "
-                    f"only in second: {only_b}, or a different order)"
+                    f"model structure differs: parameters of group {ga.name!r} differ (only in first: {only_a}, "
+                    f"only in second: {only_b}{'' if only_a or only_b else ', or in another order'})"
                 )
-        for p, shp in self.param_shapes.items():
-            if tuple(other.param_shapes.get(p, ())) != tuple(shp):
-                return f"parameter {p!r} has shape {tuple(shp)} vs {tuple(other.param_shapes.get(p, ()))}"
+            for p, (lo, hi) in zip(ga.params, ga.offsets):
+                shp_a, shp_b = tuple(self.param_shapes[p]), tuple(other.param_shapes.get(p, ()))
+                lo_b, hi_b = gb.offsets[gb.params.index(p)]
+                if shp_a != shp_b or hi - lo != hi_b - lo_b:
+                    return f"model structure differs: parameter {p!r} has shape {shp_a} vs {shp_b}"
         return None
+
+    def column_order(self, other: "FeatureLayout") -> dict[str, np.ndarray | None]:
+        """Per group, the columns of ``other`` in this layout's parameter order (None where already equal).
+
+        ``other_array[..., order[g]]`` has this layout's columns; call after
+        :meth:`diff` (``ordered=False``) found no difference.
+        """
+        out: dict[str, np.ndarray | None] = {}
+        for ga in self.groups:
+            gb = other.group(ga.name)
+            if ga.params == gb.params:
+                out[ga.name] = None
+                continue
+            where = dict(zip(gb.params, gb.offsets))
+            out[ga.name] = np.concatenate([np.arange(*where[p], dtype=np.int64) for p in ga.params])
+        return out
 
 
 class SketchPlan:

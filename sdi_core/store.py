@@ -32,6 +32,7 @@ jax.  Framework glue for ``torchrun`` and ``jax.sharding`` lives in
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import mmap
@@ -47,7 +48,7 @@ import numpy as np
 
 from ._array import to_numpy
 from .factors import SDIError
-from .features import CheckpointInfo, Features
+from .features import CheckpointInfo, Features, check_compatible
 from .specs import FeatureLayout
 
 __all__ = [
@@ -571,20 +572,15 @@ class FeatureStore:
         )
 
     def iter_blocks(
-        self,
-        block_rows: int,
-        start: int = 0,
-        stop: int | None = None,
-        *,
-        min_view_rows: int | None = None,
-        release: bool = True,
+        self, block_rows: int, start: int = 0, stop: int | None = None, *, release: bool = True
     ) -> Iterator[tuple[int, int, list[dict[str, np.ndarray]]]]:
         """Yield ``(row_start, row_stop, [ {group: [n, S, D]} per checkpoint ])`` over rows ``[start, stop)``.
 
-        Blocks are at most ``block_rows`` rows.  Within a shard they are
-        read-only views of the memory maps (no copy); runs of shards smaller
-        than ``min_view_rows`` (default ``block_rows // 4``) are gathered into
-        one block (a copy), so tiny shards do not mean tiny blocks.
+        Blocks are ``block_rows`` rows from ``start`` on (the last may be
+        shorter), whatever the shard sizes, so that a block's boundaries do
+        not depend on how the store was written.  A block within one shard is
+        a read-only view of its memory maps (no copy); a block across shards
+        is gathered into one array (a copy).
 
         With ``release`` (default), once the consumer asks for the next block
         the pages of the previous one are unmapped from this process
@@ -593,65 +589,38 @@ class FeatureStore:
         keep views of a block after requesting the next one.
         """
         stop = self.n_examples if stop is None else min(stop, self.n_examples)
-        if block_rows <= 0:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows <= 0:
             raise SDIError(f"iter_blocks(block_rows={block_rows!r}): must be a positive int.")
-        min_view = max(1, block_rows // 4) if min_view_rows is None else max(1, int(min_view_rows))
         groups = [g.name for g in self.layout.groups]
-        pos = start
-        si = 0
-        while si < len(self.segments) and self.segments[si].stop <= pos:
-            si += 1
-        while pos < stop:
-            seg = self.segments[si]
-            avail = min(seg.stop, stop) - pos
-            if avail >= min(block_rows, min_view) or avail >= stop - pos:
-                n = min(avail, block_rows)
-                a = pos - seg.start
-                yield pos, pos + n, [{g: blk[g][a : a + n] for g in groups} for blk in seg.arrays]
-                if release:
-                    for blk in seg.arrays:
-                        for g in groups:
-                            _release_rows(blk[g], a, a + n)
-                pos += n
-                if pos >= seg.stop:
-                    si += 1
-                continue
-            # Gather small pieces of several shards into one block.
+        stops = [seg.stop for seg in self.segments]
+        for lo in range(start, stop, int(block_rows)):
+            hi = min(stop, lo + int(block_rows))
             pieces = []
-            end = min(stop, pos + block_rows)
-            p = pos
-            while p < end:
-                seg = self.segments[si]
-                n = min(seg.stop, end) - p
-                a = p - seg.start
-                pieces.append([{g: blk[g][a : a + n] for g in groups} for blk in seg.arrays])
-                if release:
+            for seg in self.segments[bisect.bisect_right(stops, lo):]:
+                if seg.start >= hi:
+                    break
+                pieces.append((seg, max(lo, seg.start) - seg.start, min(hi, seg.stop) - seg.start))
+            views = [[{g: blk[g][a:b] for g in groups} for blk in seg.arrays] for seg, a, b in pieces]
+            if len(views) == 1:
+                yield lo, hi, views[0]
+            else:
+                yield lo, hi, [{g: np.concatenate([v[k][g] for v in views]) for g in groups}
+                               for k in range(len(self.checkpoints))]
+            if release:
+                for seg, a, b in pieces:
                     for blk in seg.arrays:
                         for g in groups:
-                            _release_rows(blk[g], a, a + n)
-                p += n
-                if p >= seg.stop:
-                    si += 1
-            block = [{g: np.concatenate([pc[k][g] for pc in pieces]) for g in groups} for k in range(len(self.checkpoints))]
-            yield pos, end, block
-            pos = end
+                            _release_rows(blk[g], a, b)
 
     # ------------------------------------------------------------------ checks
-    def check_compatible(self, other: "FeatureStore | Features", what: str | None = None) -> None:
-        """Raise :class:`SDIError` naming the differing field when ``other`` cannot be combined with this store.
+    def check_compatible(self, other, what: str | None = None) -> dict:
+        """:func:`sdi_core.features.check_compatible` of this store and ``other`` (a store or ``Features``).
 
-        Compares the sketch, the model (parameter names, shapes, groups) and
-        the checkpoints (ids, etas); step counts and dtypes may differ.
+        Compares the sketch, the parameters (by name and shape, any order)
+        and the checkpoints (ids, etas, steps); loop counts and dtypes may
+        differ.  Returns the column order of ``other`` per group.
         """
-        what = what or "these feature sets"
-        other_meta = other.meta if isinstance(other, FeatureStore) else _meta_for(
-            other, summed=other.summed, dtype="float32", shard_size=None, split=None)
-        d = describe_difference(self.meta, other_meta, fields=("sketch", "model_fingerprint", "layout", "checkpoints"))
-        if d is not None:
-            raise SDIError(
-                f"Cannot combine {what}: {d}. Featurise both with the same sketch (kind, dim, seed), the same "
-                "parameter selection of the same model, and the same checkpoints."
-            )
+        return check_compatible(self, other, what or "these feature sets")
 
     def verify(self) -> None:
         """Check the size and CRC-32 of every committed file against its marker; raise on damage."""

@@ -28,11 +28,11 @@ SCRIPTS = {
     "bench_vs_paper.py": ["--out-dir", "{out}"],
     "bench_scoring.py": ["--out-dir", "{out}"],
     "bench_jax_featurize.py": ["--out-dir", "{out}"],
+    "gpu_check.py": ["--sections", "scoring", "--out-dir", "{out}"],  # every section: tests/test_gpu_check.py
 }
 TESTED_ELSEWHERE = {
     "bench_routes.py": "tests/test_bench_routes.py",
     "bench_torch_featurize.py": "tests/test_torch_bench.py",
-    "gpu_check.py": "tests/test_gpu_check.py",
     "common.py": "a helper module, not a script",
 }
 
@@ -79,9 +79,9 @@ def test_fidelity_quick(tmp_path):
     assert "c / sqrt(m)" in proc.stdout, proc.stdout
     assert [r["m"] for r in res["per_m"]] == res["config"]["dims"], res["per_m"]
     for r in res["per_m"]:
-        assert 0 < r["rel_err_trajectory"] < 10 and 0 < r["rel_err_tracin"] < 10, r
+        assert 0 < r["rel_error_trajectory"] < 10 and 0 < r["rel_error_tracin"] < 10, r
         assert -1 <= r["pearson_trajectory"] <= 1 and 0 <= r["topk_overlap_tracin"] <= 1, r
-    assert res["fit"]["rel_err_trajectory"]["c"] > 0, res["fit"]
+    assert res["fit"]["rel_error_trajectory"]["c"] > 0, res["fit"]
     # The reference factors and sdi_torch's capture give the same float64 features (exact claim).
     check = res["attributor_check"]
     assert check["ok"], check
@@ -119,6 +119,9 @@ def test_vs_exact_quick(tmp_path):
         assert r["status"] == "ran", r
         if r["kind"] == "sketch":
             assert r["features_per_step"] < r["exact_features_per_step"], r
+            assert 0 < r["rel_error_trajectory"] < 10 and r["accuracy_vs"] == "exact", r
+        if r["method"] == "untied":  # two exact methods agree to float32 rounding
+            assert r["rel_error_trajectory"] < 1e-4, r
     assert res["where_sketching_wins"]["points"], res["where_sketching_wins"]
 
 
@@ -147,8 +150,51 @@ def test_vs_paper_quick_reports_skipped_when_the_paper_package_is_absent(tmp_pat
     assert {r["implementation"] for r in res["accuracy"]["summary"]} == {"sdi_torch"}
 
 
+def test_scoring_quick_sweeps_time_and_memory_in_separate_processes(tmp_path):
+    run_quick("bench_scoring.py", tmp_path)
+    res = load(tmp_path, "scoring_quick.json")
+    assert_png(tmp_path, "scoring_quick.png")
+    sweeps = {p["sweep"] for p in res["points"]}
+    assert sweeps == {"n_train", "budget"}, sweeps
+    n_values = sorted(p["time"]["n_train"] for p in res["points"] if p["sweep"] == "n_train")
+    assert n_values[-1] == res["workload"]["n_train"] and len(set(n_values)) >= 3, n_values
+    for p in res["points"]:
+        t, m = p["time"], p["memory"]
+        assert t["pid"] != m["pid"], "time and memory must be measured in separate processes"
+        assert t["throughput_vs_bare_matmul"]["paired_median"] > 0 and t["topk_matches_baseline_product"], t
+        assert m["peak_rss_added_bytes"] is None or m["peak_rss_added_bytes"] > 0, m
+        for rec in (t, m):
+            assert rec["load_limit"] == 0.5 and "load_before" in rec and "load_after" in rec, rec
+            want = None if rec["load_before"] is None else max(rec["load_before"][0], rec["load_after"][0]) <= 0.5
+            assert rec["valid"] == want, rec
+        assert p["valid"] == (t["valid"] is not False and m["valid"] is not False)
+    assert res["valid"] == all(p["valid"] for p in res["points"])
+    budgets = sorted(p["memory"]["budget_bytes"] for p in res["points"] if p["sweep"] == "budget")
+    blocks = [p["time"]["block_rows"] for p in sorted(res["points"], key=lambda p: p["memory"]["budget_bytes"])
+              if p["sweep"] == "budget"]
+    assert len(budgets) >= 2 and blocks == sorted(blocks), "a larger budget never gives smaller blocks"
+
+
+def test_gpu_check_quick_runs_on_whatever_torch_has(tmp_path):
+    pytest.importorskip("torch")
+    run_quick("gpu_check.py", tmp_path)
+    res = load(tmp_path, "gpu_check_quick.json")["sections"]["scoring"]
+    assert res["topk_matches_baseline_product"] is True, res
+    assert "torch" in res["scored_on"]["namespace"], res["scored_on"]
+    assert res["gpu_result"] == res["scored_on"]["device"].startswith("cuda"), res
+    assert res["throughput_vs_bare_matmul"]["paired_median"] > 0 and "valid" in res
+
+
+def test_load_record_marks_loaded_machines_invalid():
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    assert common.load_record([0.2, 0.1, 0.1], [0.4, 0.2, 0.1])["valid"] is True
+    assert common.load_record([0.2, 0.1, 0.1], [0.6, 0.2, 0.1])["valid"] is False
+    assert common.load_record(None, None)["valid"] is None
+
+
 @pytest.mark.parametrize("script,result", [
-    ("bench_scoring.py", "scoring_quick.json"),
     ("bench_jax_featurize.py", "jax_featurize_quick.json"),
 ])
 def test_backend_benchmark_quick(tmp_path, script, result):

@@ -55,7 +55,7 @@ def test_demo_small_budget_writes_the_report(demo_run):
     assert " -> " in md
     summary = json.loads((out / "summary.json").read_text())
     cmp = summary["sketch_vs_exact"]
-    assert np.isfinite(cmp["pearson"]) and 0 <= cmp["topk_overlap"] <= 1
+    assert np.isfinite(cmp["pearson_trajectory"]) and 0 <= cmp["topk_overlap_tracin"] <= 1
     ckpts = sorted((out / "checkpoints").glob("*.pt"))
     assert len(ckpts) == BUDGETS["small"]["n_checkpoints"]
     arrays = np.load(out / "influence.npz")

@@ -44,8 +44,8 @@ def test_compare_sketch_exact_matches_numpy():
     exact = rng.normal(size=(20, 3, 4))
     sketch = exact + 0.3 * rng.normal(size=exact.shape)
     m = compare_sketch_exact(sketch, exact, k=5)
-    assert m["pearson"] == pytest.approx(np.corrcoef(sketch.ravel(), exact.ravel())[0, 1], rel=1e-12)
-    assert m["rel_error"] == pytest.approx(np.linalg.norm(sketch - exact) / np.linalg.norm(exact), rel=1e-12)
+    assert m["pearson_trajectory"] == pytest.approx(np.corrcoef(sketch.ravel(), exact.ravel())[0, 1], rel=1e-12)
+    assert m["rel_error_trajectory"] == pytest.approx(np.linalg.norm(sketch - exact) / np.linalg.norm(exact), rel=1e-12)
     ts, te = sketch.sum(2), exact.sum(2)
     assert m["pearson_tracin"] == pytest.approx(np.corrcoef(ts.ravel(), te.ravel())[0, 1], rel=1e-12)
     assert m["rel_error_tracin"] == pytest.approx(np.linalg.norm(ts - te) / np.linalg.norm(te), rel=1e-12)
@@ -55,14 +55,14 @@ def test_compare_sketch_exact_matches_numpy():
     for kk in range(1, 6):
         want = np.mean([len(set(np.argsort(-ts[:, j])[:kk]) & set(np.argsort(-te[:, j])[:kk])) / kk for j in range(3)])
         assert m["topk_overlap_curve"][kk - 1] == pytest.approx(want)
-    assert m["topk_overlap"] == m["topk_overlap_curve"][-1] and m["k"] == 5
+    assert m["topk_overlap_tracin"] == m["topk_overlap_curve"][-1] and m["k"] == 5
 
 
 def test_compare_identical_and_known_overlap():
     exact = np.zeros((6, 1, 2))
     exact[:, 0, 0] = [6, 5, 4, 3, 2, 1]
     m = compare_sketch_exact(exact, exact, k=3)
-    assert m["pearson"] == pytest.approx(1.0) and m["rel_error"] == 0.0 and m["topk_overlap"] == 1.0
+    assert m["pearson_trajectory"] == pytest.approx(1.0) and m["rel_error_trajectory"] == 0.0 and m["topk_overlap_tracin"] == 1.0
     swapped = exact.copy()
     swapped[[2, 3], 0, 0] = swapped[[3, 2], 0, 0]  # ranks 3 and 4 trade places: top-3 shares 2 of 3
     m = compare_sketch_exact(swapped, exact, k=3)
@@ -156,7 +156,7 @@ def test_write_report_synthetic_sudoku(tmp_path):
     # Sudoku grids are printed as the task's own text, line by line.
     assert "1 3 | 4 2    1 3 | 4 2" in md
     summary = json.loads(files.summary_json.read_text())
-    assert summary["sketch_vs_exact"]["pearson"] > 0.9
+    assert summary["sketch_vs_exact"]["pearson_trajectory"] > 0.9
     assert set(summary["late_step_vs_difficulty"]) == {"query", "train"}
     assert 0 <= summary["extrapolation"]["extra_step_share"] <= 1
     arrays = np.load(files.arrays)

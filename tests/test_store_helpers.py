@@ -87,3 +87,16 @@ class BatchFeaturizer:
     def all_features(self) -> Features:
         return Features.concat([make_features(s, tau=self.tau, seed=100 + i, plan=self.plan, ids=self.ids,
                                               id_start=3 * int(self.starts[i])) for i, s in enumerate(self.sizes)])
+
+
+def count_calls(monkeypatch, owner, name: str) -> dict:
+    """Patch ``owner.<name>`` to count its calls in ``counts["calls"]``, still calling the original."""
+    counts = {"calls": 0}
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        counts["calls"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return counts
