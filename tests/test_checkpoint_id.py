@@ -85,3 +85,38 @@ def test_unnamed_checkpoints_get_the_same_id_from_every_featurize(jax_x64):
                                               transposed=jm.is_linear_weight).checkpoints[0].id,
     }
     assert set(ids.values()) == {checkpoint_id(w)}, ids
+
+
+def test_torch_and_jax_features_of_the_same_unnamed_weights_combine(jax_x64):
+    """Train features from sdi_torch, query features from sdi_jax, both at Checkpoint(weights) without a name:
+    same checkpoint id, layouts matched by name, and the trajectory equals the single-backend one."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+
+    import sdi_jax
+    import sdi_torch
+    from sdi_jax import models as jm
+    from sdi_torch.models import LoopedGPT, per_example_loss
+
+    w = init_weights(CFG, 3)
+    rng = np.random.default_rng(1)
+    train_tokens, query_tokens = rng.integers(0, 7, (5, 6)), rng.integers(0, 7, (3, 6))
+    sketch = sdi_core.TensorSketch(dim=32, seed=2)
+    model = LoopedGPT.from_numpy(CFG, w).eval()
+    t_attr = sdi_torch.Attributor(model, model.block, per_example_loss, sketch, progress=False)
+    j_attr = sdi_jax.Attributor(lambda p, b: jm.per_example_loss(p, b, CFG), loop=lambda p: p["block"],
+                                sketch=sketch, progress=False)
+
+    def tb(tokens):
+        return {"tokens": torch.as_tensor(tokens), "targets": torch.as_tensor(np.roll(tokens, 1, 1))}
+
+    def jb(tokens):
+        return {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, 1, 1))}
+
+    train = t_attr.featurize([tb(train_tokens)], [Checkpoint(model.state_dict(), eta=0.5)])
+    query_t = t_attr.featurize([tb(query_tokens)], [Checkpoint(model.state_dict(), eta=0.5)])
+    query_j = j_attr.featurize([jb(query_tokens)], [Checkpoint(jm.params_from_numpy(w, CFG), eta=0.5)])
+    assert query_j.checkpoints == query_t.checkpoints
+    want = np.asarray(sdi_core.influence(train.to_numpy(), query_t.to_numpy()).trajectory)
+    got = np.asarray(sdi_core.influence(train.to_numpy(), query_j.to_numpy()).trajectory)
+    assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), np.abs(got - want).max()
