@@ -2,23 +2,28 @@
 
 Configuration (issue 3): LoopedGPT with d_model=256, 8 heads, tau=8, sequence
 length 128, vocabulary 128, batch 32, float32, the whole loop body selected
-(``loop=model.block``), TensorSketch m=8192, ``torch.set_num_threads(2)``.
+(``loop=model.block``), TensorSketch m=2048 and m=8192, 2 threads.
 
-Reported, all measured in this process on the same batch:
+Candidates, all on the same batch:
 
-- ``time_ratio``: median featurisation time / median plain forward+backward
-  time (``per_example_loss(model, batch).sum().backward()`` with parameter
-  gradients), the two interleaved so that machine load affects both alike;
-  ``time_ratio_per_pair`` divides each featurisation by the forward+backward
-  run just before it (the spread shows how noisy the machine was);
-- ``memory_ratio``: peak extra resident memory of featurisation / that of the
-  forward+backward (peak RSS above the RSS before the call, read from
-  ``/proc/self/status`` VmHWM after ``malloc_trim`` and resetting the peak through
-  ``/proc/self/clear_refs``), each taken as the median of three measurements;
-- a cProfile of one featurisation (top functions by total time).
+- ``fwd_bwd`` (the baseline): ``per_example_loss(model, batch).sum().backward()``
+  with parameter gradients;
+- ``per_step m=M``: ``Attributor.featurize([batch])``, per-step features (the
+  query side), ``route="auto"`` (timed on the first batch, in the warm-up);
+- ``summed m=M``: ``featurize([batch], summed=True)`` (the train side of the
+  query-step trajectory and TracIn: step-summed gradients hashed once).
 
-    python benchmarks/bench_torch_featurize.py            # issue configuration (about a minute)
-    python benchmarks/bench_torch_featurize.py --quick    # small configuration, seconds
+Time and peak memory are measured in separate processes (``--measure both``,
+the default; see ``benchmarks/common.py``): the time run interleaves the
+candidates for ``--repeats`` rounds and reports paired-median ratios to
+``fwd_bwd``; the memory run reports the peak resident memory each call adds
+(median of three).  The time run also stores a cProfile of one per-step
+featurisation at the largest m.  Each result records the load average before
+and after; above ``--load-limit`` (0.5) it is marked invalid.
+
+    python benchmarks/bench_torch_featurize.py --repeats 5   # issue configuration (a few minutes)
+    python benchmarks/bench_torch_featurize.py --quick        # small configuration, seconds
+    python benchmarks/bench_torch_featurize.py --device cuda --dtype bfloat16 --out r.json   # on a GPU
 
 Results go to ``benchmarks/results/torch_featurize.json`` (``torch_featurize_quick.json`` with ``--quick``).
 """
@@ -27,169 +32,181 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
-import json
 import os
-import platform
 import pstats
 import statistics
 import sys
-import time
 
-import numpy as np
-import torch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
-import sdi_core
-import sdi_torch
-from sdi_core.reference.looped_transformer import LoopedConfig
-from sdi_torch.models import LoopedGPT, per_example_loss
+import common  # noqa: E402
 
-FULL = dict(d_model=256, n_heads=8, tau=8, seq_len=128, vocab=128, batch=32, m=8192, repeats=5)
-QUICK = dict(d_model=64, n_heads=4, tau=4, seq_len=32, vocab=64, batch=8, m=1024, repeats=3)
+FULL = dict(d_model=256, heads=8, tau=8, seq=128, vocab=128, batch=32, dims="2048,8192", repeats=5)
+QUICK = dict(d_model=32, heads=2, tau=2, seq=16, vocab=32, batch=4, dims="256", repeats=2)
+TARGETS = {"per_step_time": 1.15, "per_step_memory": 1.15, "summed_time": 1.05}
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(ap)
+    common.add_measure_args(ap)
+    for key in ("d_model", "heads", "tau", "seq", "vocab", "batch"):
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {FULL[key]}")
+    ap.add_argument("--dims", default=None, help=f"sketch dimensions m (default {FULL['dims']})")
+    ap.add_argument("--route", default="auto", choices=("auto", "exact_hash", "fft"), help="TensorSketch route")
+    ap.add_argument("--device", default="cpu", help="torch device (cuda: times synchronise; memory is CUDA memory)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"), help="model dtype")
+    ap.add_argument("--out", default=None, help="output JSON path (default benchmarks/results/...)")
+    args = ap.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key in ("d_model", "heads", "tau", "seq", "vocab", "batch", "dims", "repeats"):
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
+    args.dims = [int(m) for m in str(args.dims).split(",") if m.strip()]
+    return args
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def candidates(args):
+    """``{name: callable}``: the baseline and both featurisations at every m (one Attributor per m and side)."""
+    import torch
 
+    import sdi_core
+    import sdi_torch
+    from sdi_core.reference.looped_transformer import LoopedConfig
+    from sdi_torch.models import LoopedGPT, per_example_loss
 
-def _trim() -> None:
-    """Give freed heap back to the OS, so that RSS measures live memory (glibc keeps freed pages otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_extra_mb(fn) -> float | None:
-    """Peak resident memory above the level before ``fn()``, in MiB (None where /proc is unavailable)."""
-    gc.collect()
-    _trim()
-    if not _reset_peak():
-        return None
-    before = _status_kb("VmRSS")
-    fn()
-    peak = _status_kb("VmHWM")
-    if before is None or peak is None:
-        return None
-    return (peak - before) / 1024.0
-
-
-def run(cfg: dict, threads: int) -> dict:
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = LoopedConfig(vocab_size=cfg["vocab"], d_model=cfg["d_model"], n_heads=cfg["n_heads"], tau=cfg["tau"],
-                          max_len=cfg["seq_len"])
-    model = LoopedGPT(config).float().eval()
+    config = LoopedConfig(vocab_size=args.vocab, d_model=args.d_model, n_heads=args.heads, tau=args.tau,
+                          max_len=args.seq)
+    device = torch.device(args.device)
+    model = LoopedGPT(config).to(device=device, dtype=getattr(torch, args.dtype)).eval()
     g = torch.Generator().manual_seed(1)
-    B, T, V = cfg["batch"], cfg["seq_len"], cfg["vocab"]
-    batch = {"tokens": torch.randint(0, V, (B, T), generator=g), "targets": torch.randint(0, V, (B, T), generator=g)}
-    attr = sdi_torch.Attributor(model, model.block, per_example_loss, sdi_core.TensorSketch(dim=cfg["m"], seed=0),
-                                progress=False)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    batch = {"tokens": tokens.to(device),
+             "targets": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def forward_backward():
+    def fwd_bwd():
         model.zero_grad(set_to_none=True)
         per_example_loss(model, batch).sum().backward()
         model.zero_grad(set_to_none=True)
+        sync()
 
-    def featurize():
-        return attr.featurize([batch], progress=False)
+    out = {"fwd_bwd": fwd_bwd}
+    attrs = {}
+    for m in args.dims:
+        sketch = sdi_core.TensorSketch(dim=m, seed=0, route=args.route)
+        for side, summed in (("per_step", False), ("summed", True)):
+            attr = sdi_torch.Attributor(model, model.block, per_example_loss, sketch, progress=False)
+            attrs[f"{side} m={m}"] = attr
+            out[f"{side} m={m}"] = (lambda a=attr, s=summed: (a.featurize([batch], progress=False, summed=s), sync()))
+    return out, attrs
 
-    featurize()  # warm-up: hash tables, device copies, allocator
-    forward_backward()
-    t_fb, t_feat = [], []
-    for _ in range(cfg["repeats"]):
-        t0 = time.perf_counter()
-        forward_backward()
-        t_fb.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        feats = featurize()
-        t_feat.append(time.perf_counter() - t0)
-    mem_fb_all, mem_feat_all = [], []
-    for _ in range(3):
-        mem_fb_all.append(peak_extra_mb(forward_backward))
-        mem_feat_all.append(peak_extra_mb(featurize))
-    mem_fb = None if None in mem_fb_all else statistics.median(mem_fb_all)
-    mem_feat = None if None in mem_feat_all else statistics.median(mem_feat_all)
 
+def cuda_peak(fn) -> int:
+    """CUDA memory a call allocates above what was allocated before it (bytes)."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def profile_top(fn, n=15) -> list[str]:
     prof = cProfile.Profile()
     prof.enable()
-    featurize()
+    fn()
     prof.disable()
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
-    # Profile lines name files by absolute path: keep them relative to the repository (no machine paths in results).
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    top = [line.rstrip().replace(repo, "") for line in s.getvalue().splitlines() if line.strip()][-16:]
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(n)
+    repo = os.path.dirname(HERE) + os.sep  # no machine paths in results
+    lines = [ln.rstrip().replace(repo, "") for ln in s.getvalue().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    return lines[start:start + n + 1]
 
-    fb, ft = statistics.median(t_fb), statistics.median(t_feat)
-    widths = attr.plan.features_per_step()
-    out = {
-        "config": dict(cfg, threads=threads, dtype="float32", selection="loop=model.block (whole loop body)"),
-        "features_per_step": widths,
-        "feature_shape": {g: list(feats.data[0][g].shape) for g in feats.data[0]},
-        "forward_backward_s": t_fb,
-        "featurize_s": t_feat,
-        "forward_backward_median_s": fb,
-        "featurize_median_s": ft,
-        "time_ratio": ft / fb,
-        "time_ratio_per_pair": [b / a for a, b in zip(t_fb, t_feat)],
-        "time_ratio_per_pair_median": statistics.median(b / a for a, b in zip(t_fb, t_feat)),
-        "time_target": 1.3,
-        "peak_extra_mb_forward_backward": mem_fb,
-        "peak_extra_mb_featurize": mem_feat,
-        "peak_extra_mb_forward_backward_all": mem_fb_all,
-        "peak_extra_mb_featurize_all": mem_feat_all,
-        "memory_ratio": None if not (mem_fb and mem_feat) else mem_feat / mem_fb,
-        "memory_target": 1.2,
-        "profile_top_tottime": top,
-        "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-    }
+
+def measure(args, what: str) -> dict:
+    info = common.setup(args.threads, memory=what == "memory")
+    import torch  # noqa: F401  (after setup: OMP_WAIT_POLICY)
+
+    common.set_torch_threads(args.threads)
+    cands, attrs = candidates(args)
+    for fn in cands.values():  # warm-up: route timing, hash tables, device copies, allocator
+        fn()
+    out: dict = {"measure": what}
+    if what == "time":
+        samples = common.interleaved(cands, repeats=args.repeats, warmup=1)
+        out["summary"] = common.summarize(samples, "fwd_bwd")
+        out["routes"] = {name: a.engine.routes() for name, a in attrs.items()}
+        out["profile_top_tottime"] = profile_top(cands[f"per_step m={max(args.dims)}"])
+    else:
+        peak = cuda_peak if args.device.startswith("cuda") else (lambda fn: common.peak_memory(fn)[1])
+        peaks = {}
+        for name, fn in cands.items():
+            peaks[name] = [peak(fn) for _ in range(3)]
+        out["memory_kind"] = "CUDA allocated bytes" if args.device.startswith("cuda") else "resident set size"
+        med = {k: (None if None in v else statistics.median(v)) for k, v in peaks.items()}
+        out["peak_bytes"] = peaks
+        out["peak_median_mib"] = {k: common.mib(v) for k, v in med.items()}
+        base = med["fwd_bwd"]
+        out["memory_ratio"] = {k: (v / base if (v is not None and base) else None) for k, v in med.items()}
+    out["machine"] = common.finish_info(info)
+    out["load"] = common.load_validity(out["machine"], args.load_limit)
     return out
 
 
+def combine(args, argv, time_part: dict, memory_part: dict) -> dict:
+    rows = []
+    for m in args.dims:
+        for side in ("per_step", "summed"):
+            name = f"{side} m={m}"
+            t = time_part["summary"][name] if time_part else None
+            rows.append({"m": m, "side": side,
+                         "time_ratio": None if t is None else t["ratio_paired_median"],
+                         "time_ratio_min": None if t is None else t["ratio_paired_min"],
+                         "time_ratio_max": None if t is None else t["ratio_paired_max"],
+                         "featurize_s": None if t is None else t["median_s"],
+                         "memory_ratio": None if not memory_part else memory_part["memory_ratio"][name],
+                         "peak_mib": None if not memory_part else memory_part["peak_median_mib"][name]})
+    parts = [p for p in (time_part, memory_part) if p]
+    valid = all(p["load"]["valid"] for p in parts)
+    return {
+        "benchmark": "bench_torch_featurize",
+        "command": common.command_line(__file__, argv),
+        "config": {"d_model": args.d_model, "heads": args.heads, "tau": args.tau, "seq": args.seq,
+                   "vocab": args.vocab, "batch": args.batch, "dims": args.dims, "route": args.route,
+                   "repeats": args.repeats, "threads": args.threads, "dtype": args.dtype, "device": args.device,
+                   "selection": "loop=model.block (whole loop body)", "quick": args.quick},
+        "targets": TARGETS,
+        "valid": valid,
+        "rows": rows,
+        "fwd_bwd_median_s": None if not time_part else time_part["summary"]["fwd_bwd"]["median_s"],
+        "fwd_bwd_peak_mib": None if not memory_part else memory_part["peak_median_mib"]["fwd_bwd"],
+        "time": time_part,
+        "memory": memory_part,
+    }
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small configuration (seconds)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None, help="output JSON path")
-    args = ap.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        cfg["repeats"] = args.repeats
-    res = run(cfg, args.threads)
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = args.out or os.path.join(here, "results", "torch_featurize_quick.json" if args.quick else "torch_featurize.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"forward+backward {res['forward_backward_median_s']:.3f} s, featurize {res['featurize_median_s']:.3f} s, "
-          f"time ratio {res['time_ratio']:.2f} (target <= 1.3); per pair "
-          f"{', '.join(f'{r:.2f}' for r in res['time_ratio_per_pair'])}")
-    if res["memory_ratio"] is not None:
-        print(f"peak extra memory: forward+backward {res['peak_extra_mb_forward_backward']:.0f} MiB, featurize "
-              f"{res['peak_extra_mb_featurize']:.0f} MiB, ratio {res['memory_ratio']:.2f} (target <= 1.2)")
-    print("\n".join(res["profile_top_tottime"]))
+    args = parse(argv)
+    parts = common.run_measurements(__file__, argv, args, measure)
+    if parts is None:  # a child process of --measure both: its part is written
+        return {}
+    res = combine(args, argv, parts["time"], parts["memory"])
+    out = args.out or common.results_path(args.out_dir, "torch_featurize", args.quick)
+    common.write_json(out, res)
+    print(common.table(res["rows"], [("m", "m", ""), ("side", "side", ""), ("time_ratio", "time / fwd+bwd", ".3f"),
+                                     ("memory_ratio", "peak memory / fwd+bwd", ".3f"), ("peak_mib", "peak MiB", ".0f")]))
+    print(f"targets: per-step time <= {TARGETS['per_step_time']}, memory <= {TARGETS['per_step_memory']}; "
+          f"summed time <= {TARGETS['summed_time']}")
+    for p in (parts["time"], parts["memory"]):
+        if p:
+            common.report_validity(p["load"])
     print(f"wrote {out}")
     return res
 

@@ -19,9 +19,17 @@ measured in the same process, in the same rounds:
   slower than with passive waiting, drowning every ratio in scheduler noise.
 - :func:`peak_memory` measures the peak resident memory a call adds on top of
   what the process held before it (Linux ``VmHWM`` after resetting it via
-  ``/proc/self/clear_refs``).  :func:`setup` makes glibc return large freed
-  blocks to the OS at once (``mallopt``), so the peak is not hidden by memory
-  an earlier call freed but the allocator kept.
+  ``/proc/self/clear_refs``).  ``setup(memory=True)`` makes glibc return large
+  freed blocks to the OS at once (``mallopt``), so the peak is not hidden by
+  memory an earlier call freed but the allocator kept.
+- Time and peak memory are measured in **separate processes**
+  (:func:`measure_separately`, ``--measure both``): the memory instrumentation
+  (small mmap threshold, trimming, ``clear_refs``) slows allocation and would
+  compress the time ratios.
+- Every result records the load average before and after
+  (:func:`finish_info`); :func:`load_validity` marks a run invalid when either
+  exceeds :data:`QUIET_LOAD` (0.5 on the 2-core machines): such numbers are
+  not quoted.
 
 Scripts call :func:`setup` first, then build their candidates.  Nothing here
 imports torch or jax; framework-specific synchronisation (``block_until_ready``)
@@ -29,6 +37,7 @@ belongs in the candidate callables.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import gc
@@ -53,13 +62,15 @@ _M_MMAP_THRESHOLD = -3
 # ----------------------------------------------------------------------------- setup
 
 
-def setup(threads: int | None = 2) -> dict:
+def setup(threads: int | None = 2, *, memory: bool = True) -> dict:
     """Prepare the process for measuring and return a description of the machine.
 
     Args:
         threads: intra-op threads for torch (when it is imported later, call
             :func:`set_torch_threads`) and the BLAS/OpenMP environment; None
             leaves the defaults.
+        memory: configure the allocator for :func:`peak_memory` (pass False
+            in a process that measures time only).
 
     Returns:
         :func:`machine_info` at the start of the run.
@@ -72,8 +83,11 @@ def setup(threads: int | None = 2) -> dict:
     if "torch" in sys.modules:
         print("common.setup: torch was imported before setup(); OMP_WAIT_POLICY may not take effect",
               file=sys.stderr)
-    _configure_malloc()
-    return machine_info()
+    if memory:
+        _configure_malloc()
+    info = machine_info()
+    info["memory_instrumentation"] = bool(memory)
+    return info
 
 
 def _configure_malloc() -> bool:
@@ -128,6 +142,7 @@ def machine_info() -> dict:
         "versions": versions,
         "load_average": _loadavg(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "pid": os.getpid(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if "torch" in sys.modules:
@@ -164,6 +179,90 @@ def finish_info(info: dict) -> dict:
     if "torch" in sys.modules:
         out["torch_threads"] = sys.modules["torch"].get_num_threads()
     return out
+
+
+# ------------------------------------------------------------------ load and runs
+
+def load_validity(info: Mapping[str, Any], limit: float = QUIET_LOAD) -> dict:
+    """:func:`load_record` of a run from its :func:`finish_info`, with the reason when it does not count.
+
+    Returns:
+        ``{"load_before", "load_after", "load_limit", "valid", "reason"}``
+        (``valid`` False also when the load could not be read).
+    """
+    rec = load_record(info.get("load_average"), info.get("load_average_end"), limit)
+    if rec["valid"] is None:
+        return {**rec, "valid": False, "reason": "the load average could not be read"}
+    if not rec["valid"]:
+        worst = max(rec["load_before"][0], rec["load_after"][0])
+        return {**rec, "reason": f"1-minute load average {worst:.2f} > {limit}: other processes shared the CPUs"}
+    return {**rec, "reason": None}
+
+
+def add_measure_args(ap) -> None:
+    """``--measure``, ``--load-limit`` (and the hidden ``--json-out`` of a child run) for an argparse parser."""
+    ap.add_argument("--measure", choices=("both", "time", "memory"), default="both",
+                    help="both (default): time and peak memory, each in its own process; or one of them here")
+    ap.add_argument("--load-limit", type=float, default=QUIET_LOAD,
+                    help=f"results taken above this 1-minute load average are marked invalid (default {QUIET_LOAD})")
+    ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+
+
+def measure_separately(script: str, argv: Sequence[str] | None) -> dict[str, dict]:
+    """Run ``script`` again with ``--measure time`` and with ``--measure memory``, each in a fresh process.
+
+    Returns:
+        ``{"time": payload, "memory": payload}``: what each child wrote to its ``--json-out``.
+    """
+    import subprocess
+    import tempfile
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    clean, skip = [], False
+    for a in args:  # drop --measure X / --json-out X given to the parent
+        if skip:
+            skip = False
+            continue
+        if a in ("--measure", "--json-out"):
+            skip = True
+            continue
+        if a.startswith(("--measure=", "--json-out=")):
+            continue
+        clean.append(a)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for what in ("time", "memory"):
+            path = Path(tmp) / f"{what}.json"
+            cmd = [sys.executable, os.path.abspath(script), *clean, "--measure", what, "--json-out", str(path)]
+            print(f"--- {what} run (its own process): {' '.join(cmd[1:])}", flush=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                raise SystemExit(f"the {what} run of {os.path.basename(script)} failed ({proc.returncode})")
+            with open(path) as f:
+                out[what] = json.load(f)
+    return out
+
+
+def run_measurements(script: str, argv: Sequence[str] | None, args, measure: Callable[[Any, str], dict]):
+    """The ``--measure`` protocol of a script: ``{"time": payload or None, "memory": payload or None}``.
+
+    ``--measure both`` runs ``script`` twice in fresh processes (:func:`measure_separately`);
+    ``--measure time|memory`` calls ``measure(args, what)`` here.  In a child
+    (``--json-out`` given) the payload is written there and None is returned.
+    """
+    if args.measure == "both":
+        return measure_separately(script, argv)
+    part = measure(args, args.measure)
+    if args.json_out:
+        write_json(args.json_out, part)
+        return None
+    return {"time": part if args.measure == "time" else None, "memory": part if args.measure == "memory" else None}
+
+
+def report_validity(validity: Mapping[str, Any]) -> None:
+    """Print a loud line when a run is invalid."""
+    if not validity.get("valid"):
+        print(f"INVALID RESULT (not to be quoted): {validity.get('reason')}", flush=True)
 
 
 # ---------------------------------------------------------------------------- timing

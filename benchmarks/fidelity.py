@@ -139,7 +139,7 @@ def features_of(plan, factor_batches, tau, info, summed):
 
     parts = []
     for bsz, uses in factor_batches:
-        data = sketch_uses(plan, uses, bsz, steps={"loop": tau}, sum_steps=summed)
+        data = sketch_uses(plan, uses, bsz, steps={"loop": tau}, summed=summed)
         parts.append(Features(data=[data], layout=plan.layout, checkpoints=(info,), steps={"loop": tau},
                               summed=summed))
     return Features.concat(parts)

@@ -33,6 +33,7 @@ from sdi_core import (
     SDIError,
     SketchPlan,
     TensorSketch,
+    checkpoint_id,
     influence,
     sketch_uses,
 )
@@ -852,6 +853,30 @@ def check_mismatched_checkpoints_rejected(backend, model: str = "looped_transfor
                             "unnamed checkpoints with different weights (ids must hash the weights)")
 
 
+def check_checkpoint_ids_are_canonical(backend, model: str = "looped_transformer") -> None:
+    """An unnamed checkpoint's id is ``sdi_core.checkpoint_id`` of its canonical weights (in the model's dtype).
+
+    So the same weights featurised by two backends get the same id, and the
+    features can be combined without naming every checkpoint.
+    """
+    ctx = _make_ctx(backend, model)
+    spec = ctx.spec
+    handle = ctx.build()
+    batch = spec.batch(BATCH, seed=0)
+    dtype = np.float64 if ctx.dtype == "float64" else np.float32
+    for what, ckpts, weights in (("an unnamed checkpoint", [Checkpoint(spec.perturbed_weights(1), eta=0.5)],
+                                  spec.perturbed_weights(1)),
+                                 ("the current weights (checkpoints=None)", None, spec.weights)):
+        want = checkpoint_id({k: np.asarray(v).astype(dtype) for k, v in weights.items()})
+        feats = ctx.featurize(handle, [batch], SKETCH, ckpts)
+        got = feats.checkpoints[0].id
+        if got != want:
+            fail(ctx.call(f"backend.featurize(handle, [batch], sketch, {_ckpts_text(ckpts)})"),
+                 f"checkpoint id {want!r} for {what}: sdi_core.checkpoint_id of the canonical weights", repr(got),
+                 hint="name unnamed checkpoints with sdi_core.checkpoint_id({name: array}) of the weights (any "
+                      "orientation), so that other backends give the same weights the same id")
+
+
 def check_mismatched_selection_rejected(backend, model: str = "looped_transformer") -> None:
     """Features of two different parameter selections cannot be combined; the error names the parameter."""
     ctx = _make_ctx(backend, model)
@@ -909,6 +934,7 @@ ALL_CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec(check_bad_selection_rejected, ("looped_mlp", "weight_used_twice")),
     CheckSpec(check_mismatched_sketches_rejected, _MLP_FIRST),
     CheckSpec(check_mismatched_checkpoints_rejected, _MLP_FIRST),
+    CheckSpec(check_checkpoint_ids_are_canonical, _TRANSFORMER_FIRST),
     CheckSpec(check_mismatched_selection_rejected, _MLP_FIRST),
 )
 

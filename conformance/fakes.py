@@ -12,6 +12,7 @@ what a failure report looks like.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Mapping
 
 import numpy as np
@@ -320,6 +321,23 @@ class NaNsZeroed(_Fake):
         return uses
 
 
+class LocalCheckpointIds(_Fake):
+    """Names unnamed checkpoints by a hash of its own (the weights in storage layout), not sdi_core.checkpoint_id."""
+
+    meant_for = ("check_checkpoint_ids_are_canonical",)
+
+    def featurize(self, model, batches, sketch, checkpoints=None):
+        feats = super().featurize(model, batches, sketch, checkpoints)
+        if not self.broken:
+            return feats
+        sources = [model.weights] if checkpoints is None else [c.source for c in checkpoints]
+        infos = tuple(info if (checkpoints is not None and checkpoints[k].name) else
+                      dataclasses.replace(info, id=hashlib.sha256(b"".join(np.asarray(w[n]).tobytes() for n in sorted(w)))
+                              .hexdigest()[:16])
+                      for k, (info, w) in enumerate(zip(feats.checkpoints, sources)))
+        return dataclasses.replace(feats, checkpoints=infos)
+
+
 class IgnoresSelection(_Fake):
     """Silently skips selected parameters that are unused or unknown (zero features for them)."""
 
@@ -388,7 +406,8 @@ FAKES: dict[str, type[_Fake]] = {
     for cls in (
         StepsReversed, BackwardOrder, ActivationWrongStep, BiasDropped, PerStepLumped, Downcast, Float32Features,
         HookLeftBehind, StateMutated, GlobalStateChanged, BatchMeanLoss, AccumulatorNotReset, TransposedParameters,
-        JitStaleCache, DevicesDisagree, AcceptsBadCheckpoint, NaNsZeroed, IgnoresSelection, SketchNotRecorded,
+        JitStaleCache, DevicesDisagree, AcceptsBadCheckpoint, NaNsZeroed, IgnoresSelection, LocalCheckpointIds,
+        SketchNotRecorded,
         CheckpointIdsByPosition, SelectionIgnoredInLayout,
     )
 }  # fmt: skip

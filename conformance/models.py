@@ -220,16 +220,6 @@ def _name_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
-def weights_fingerprint(weights: Mapping[str, Any]) -> str:
-    """A short hash of canonical NumPy weights (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for k in sorted(weights):
-        w = np.ascontiguousarray(np.asarray(weights[k]))
-        h.update(f"{k}|{w.shape}|{w.dtype}|".encode())
-        h.update(w.tobytes())
-    return h.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- looped MLP
 
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import sdi_core
-from sdi_core import Checkpoint, CheckpointInfo, Features, SDIError, SketchPlan, sketch_uses
+from sdi_core import Checkpoint, CheckpointInfo, Features, SDIError, SketchEngine, SketchPlan, checkpoint_id, driver
 
-from .models import ModelSpec, weights_fingerprint
+from .models import ModelSpec
 from .protocol import Capabilities
 
 __all__ = ["NumpyBackend", "NumpyModel", "backend"]
@@ -117,32 +117,11 @@ class NumpyBackend:
         sketch,
         checkpoints: Sequence[Checkpoint] | None = None,
     ) -> Features:
-        spec = model.spec
-        plan = SketchPlan(sketch, spec.params)
         batches = list(batches)
         if not batches:
             raise SDIError("featurize: no batches given; pass a non-empty list of batches.")
-        if checkpoints is None:
-            checkpoints = [Checkpoint(model.weights, eta=1.0)]  # id: a hash of the current weights
-        # A framework backend installs hooks here; the reference models them so the
-        # broken backends can forget to remove them.
-        model.hooks.append("capture")
-        try:
-            data, infos = [], []
-            for ckpt in checkpoints:
-                weights = self._check_weights(spec, ckpt.source)
-                blocks = []
-                for batch in batches:
-                    uses = self._uses(model, batch, weights)
-                    n = int(np.asarray(next(iter(batch.values()))).shape[0])
-                    blocks.append(sketch_uses(plan, uses, n, steps=dict(spec.steps)))
-                data.append({g: np.concatenate([b[g] for b in blocks], axis=0) for g in plan.group_names})
-                name = ckpt.name if ckpt.name is not None else weights_fingerprint(weights)
-                infos.append(CheckpointInfo(name, 1.0 if ckpt.eta is None else ckpt.eta, ckpt.step))
-        finally:
-            model.hooks.remove("capture")
-        n_total = data[0][plan.group_names[0]].shape[0]
-        return Features(data, plan.layout, tuple(infos), dict(spec.steps), example_ids=np.arange(n_total))
+        return driver.featurize(_Session(self, model, SketchPlan(sketch, model.spec.params)), batches, checkpoints,
+                                progress=False)
 
     def per_step_gradients(self, model: NumpyModel, batch) -> dict[str, np.ndarray]:
         uses = self._uses(model, batch)
@@ -164,6 +143,42 @@ class NumpyBackend:
 
     def side_effect_probe(self, model: NumpyModel):
         return (tuple(model.hooks), model.training)
+
+
+class _Session:
+    """The driver's session (:mod:`sdi_core.driver`): what a framework backend installs and restores per call."""
+
+    def __init__(self, backend: NumpyBackend, model: NumpyModel, plan: SketchPlan):
+        self.backend, self.model, self.plan = backend, model, plan
+        self.engine = SketchEngine(plan)
+        self.weights = model.weights
+
+    def __enter__(self):
+        # A framework backend installs hooks here; the reference models them so the
+        # broken backends can forget to remove them.
+        self.model.hooks.append("capture")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.hooks.remove("capture")
+
+    def load(self, ckpt: Checkpoint | None) -> CheckpointInfo:
+        if ckpt is None:  # the current weights
+            self.weights = self.model.weights
+            return CheckpointInfo(checkpoint_id(self.weights), 1.0, None)
+        self.weights = self.backend._check_weights(self.model.spec, ckpt.source)
+        return CheckpointInfo(ckpt.name if ckpt.name is not None else checkpoint_id(self.weights),
+                              1.0 if ckpt.eta is None else ckpt.eta, ckpt.step)
+
+    def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        steps = dict(self.model.spec.steps)
+        n = int(np.asarray(next(iter(batch.values()))).shape[0])
+        state = self.engine.init(n, steps, summed=summed)
+        state = self.engine.update(state, self.backend._uses(self.model, batch, self.weights))
+        return driver.BatchFeatures(self.engine.finalize(state), steps, self.plan.layout)  # raises on NaN/inf
+
+    def meta(self) -> dict:
+        return {"backend": self.backend.name, "routes": self.engine.routes()}
 
 
 backend = NumpyBackend()

@@ -2,11 +2,14 @@
 
 Imports NumPy and array-api-compat only; never torch or jax.
 """
-from .factors import FactorUse, ParamInfo, SDIError
+from .factors import FactorUse, ParamInfo, SDIError, StackedUse
 from .specs import Exact, FeatureLayout, SketchPlan, TensorSketch
 from .features import Checkpoint, CheckpointInfo, Features
 from .countsketch import HashTable, countsketch
-from .sketch import StreamingSketcher, choose_route, outer_features, sketch_uses, use_features
+from .sketch import choose_route, outer_features
+from .engine import SketchEngine, StreamingSketcher, sketch_uses, use_features
+from .weights import checkpoint_id
+from . import driver
 from .algebra import InfluenceResult, TopK, influence, self_influence
 
 __version__ = "0.1.0"
@@ -22,10 +25,13 @@ __all__ = [
     "InfluenceResult",
     "ParamInfo",
     "SDIError",
+    "SketchEngine",
     "SketchPlan",
+    "StackedUse",
     "StreamingSketcher",
     "TensorSketch",
     "TopK",
+    "checkpoint_id",
     "choose_route",
     "countsketch",
     "influence",

@@ -26,7 +26,6 @@ Nothing here imports a framework unless ``--backend torch`` is chosen.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -34,9 +33,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .driver import BatchFeatures, featurize as run_driver
 from .factors import SDIError
-from .features import CheckpointInfo, Features
+from .features import Checkpoint, CheckpointInfo, Features
 from .specs import Exact, SketchPlan, TensorSketch
+from .weights import checkpoint_id
 
 BACKENDS = ("numpy", "torch")
 GROUPS = ("prelude", "loop", "coda")
@@ -44,17 +45,6 @@ DEMO_SPLITS = {"train": (256, 1), "query": (16, 2)}  # examples, data seed
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def weights_id(weights: dict[str, np.ndarray]) -> str:
-    """Content hash of canonical weights: the checkpoint id, equal for equal weights in every backend run."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        a = np.ascontiguousarray(weights[name], dtype=np.float64)
-        h.update(name.encode())
-        h.update(repr(a.shape).encode())
-        h.update(a.tobytes())
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def demo_model():
@@ -152,6 +142,43 @@ def _ids(data: dict, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
 # --------------------------------------------------------------------------- featurisers
 
 
+class _ReferenceSession:
+    """The driver's session for the NumPy reference model: batches are row ranges of the data."""
+
+    def __init__(self, config, plan: SketchPlan, data, steps, tau, names):
+        from .engine import SketchEngine
+
+        self.config, self.plan, self.data, self.steps, self.tau, self.names = config, plan, data, steps, tau, names
+        self.engine = SketchEngine(plan)
+        self.weights = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.weights = None
+
+    def load(self, ckpt: Checkpoint) -> CheckpointInfo:
+        self.weights = ckpt.source
+        return CheckpointInfo(ckpt.name, ckpt.eta, ckpt.step)
+
+    def run(self, rows: tuple[int, int], *, summed: bool) -> BatchFeatures:
+        from .reference.looped_transformer import loss_and_factors
+
+        start, stop = rows
+        _, uses = loss_and_factors(self.weights, self.config, _rows(self.data, start, stop), tau=self.tau,
+                                   select=self.names)
+        state = self.engine.update(self.engine.init(stop - start, self.steps, summed=summed), uses)
+        return BatchFeatures(self.engine.finalize(state), dict(self.steps), self.plan.layout)
+
+    def meta(self) -> dict:
+        return {"backend": "numpy-reference", "routes": self.engine.routes()}
+
+
+def _as_checkpoints(checkpoints: Sequence[tuple[Any, CheckpointInfo]], convert=lambda w: w) -> list[Checkpoint]:
+    return [Checkpoint(convert(w), eta=info.eta, name=info.id, step=info.step) for w, info in checkpoints]
+
+
 def numpy_reference_featurizer(
     config,
     checkpoints: Sequence[tuple[dict[str, np.ndarray], CheckpointInfo]],
@@ -160,31 +187,25 @@ def numpy_reference_featurizer(
     *,
     groups: Sequence[str] = ("loop",),
     tau: int | None = None,
+    summed: bool = False,
 ) -> Callable[[list[tuple[int, int]]], Features]:
     """``featurize_fn`` for :func:`~sdi_core.store.featurize_to_store` on the NumPy reference model.
 
     The returned function maps a list of row ranges ``(start, stop)`` of
-    ``data`` to their float64 :class:`Features` at every checkpoint.
+    ``data`` to their float64 :class:`Features` at every checkpoint (summed
+    over steps with ``summed=True``).
     """
-    from .reference.looped_transformer import group_steps, loss_and_factors, param_infos
-    from .sketch import sketch_uses
+    from .reference.looped_transformer import group_steps, param_infos
 
     infos = param_infos(config, groups)
     plan = SketchPlan(sketch, infos)
     all_steps = group_steps(config, tau)
-    steps = {g: all_steps[g] for g in plan.group_names}
-    names = [p.name for p in infos]
-    ckpt_infos = tuple(info for _, info in checkpoints)
+    session = _ReferenceSession(config, plan, data, {g: all_steps[g] for g in plan.group_names}, tau,
+                                [p.name for p in infos])
+    ckpts = _as_checkpoints(checkpoints)
 
     def featurize(ranges: list[tuple[int, int]]) -> Features:
-        blocks = []
-        for weights, _ in checkpoints:
-            parts = []
-            for start, stop in ranges:
-                _, uses = loss_and_factors(weights, config, _rows(data, start, stop), tau=tau, select=names)
-                parts.append(sketch_uses(plan, uses, stop - start, steps=steps))
-            blocks.append({g: np.concatenate([p[g] for p in parts]) for g in plan.group_names})
-        return Features(blocks, plan.layout, ckpt_infos, dict(steps), example_ids=_ids(data, ranges))
+        return run_driver(session, ranges, ckpts, example_ids=_ids(data, ranges), summed=summed, progress=False)
 
     return featurize
 
@@ -200,6 +221,7 @@ def torch_featurizer(
     device: str = "cpu",
     dtype: str = "float32",
     progress: bool = False,
+    summed: bool = False,
 ) -> Callable[[list[tuple[int, int]]], Features]:
     """``featurize_fn`` running ``sdi_torch.models.LoopedGPT`` under ``sdi_torch.Attributor`` (same inputs)."""
     try:
@@ -209,8 +231,6 @@ def torch_featurizer(
         from sdi_torch import models
     except ImportError as exc:
         raise SDIError(f"--backend torch needs PyTorch and sdi_torch ({exc}); pip install 'sdi[torch]'.") from None
-    from sdi_core import Checkpoint
-
     from .reference.looped_transformer import group_steps, param_groups
 
     if "loop" not in groups:
@@ -227,15 +247,12 @@ def torch_featurizer(
 
     attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=loss_fn, sketch=sketch,
                                 groups={g: v for g, v in extra.items() if v}, progress=progress)
-    ckpts = [
-        Checkpoint({k: torch.as_tensor(v, dtype=tdtype, device=device) for k, v in w.items()},
-                   eta=info.eta, name=info.id, step=info.step)
-        for w, info in checkpoints
-    ]
+    ckpts = _as_checkpoints(checkpoints, lambda w: {k: torch.as_tensor(v, dtype=tdtype, device=device)
+                                                    for k, v in w.items()})
 
     def featurize(ranges: list[tuple[int, int]]) -> Features:
         batches = [{k: torch.as_tensor(v, device=device) for k, v in _rows(data, a, b).items()} for a, b in ranges]
-        return attr.featurize(batches, ckpts, steps=steps, example_ids=_ids(data, ranges))
+        return attr.featurize(batches, ckpts, steps=steps, example_ids=_ids(data, ranges), summed=summed)
 
     return featurize
 
@@ -333,20 +350,22 @@ def run_featurize(args: argparse.Namespace) -> int:
         raise SDIError(f"Got {len(etas)} --eta values for {len(weights_list)} --checkpoint files; give one per checkpoint or none.")
     if any(not np.isfinite(e) or e <= 0 for e in etas):
         raise SDIError(f"--eta values must be positive, got {etas}.")
-    checkpoints = [(w, CheckpointInfo(weights_id(w), float(e), None)) for w, e in zip(weights_list, etas)]
+    checkpoints = [(w, CheckpointInfo(checkpoint_id(w), float(e), None)) for w, e in zip(weights_list, etas)]
     if args.sketch_dim == 0:
         sketch = Exact()
     elif args.sketch_dim < 0:
         raise SDIError(f"--sketch-dim {args.sketch_dim}: use a positive dimension, or 0 for exact features.")
     else:
-        sketch = TensorSketch(dim=args.sketch_dim, seed=args.seed)
+        # Routes by the cost model, not timed: every rank and every resumed run must make the same choice, or
+        # the store would not be bit-identical to an uninterrupted single-process one.
+        sketch = TensorSketch(dim=args.sketch_dim, seed=args.seed, time_routes=False)
     groups = _parse_groups(args.groups)
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise SDIError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}.")
     rank = _env_int("RANK", 0) if args.rank is None else args.rank
     world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
-    kw = dict(groups=groups, tau=args.tau)
+    kw = dict(groups=groups, tau=args.tau, summed=args.summed)
     if args.backend == "numpy":
         fn = numpy_reference_featurizer(config, checkpoints, sketch, data, **kw)
     else:
@@ -363,9 +382,9 @@ def run_featurize(args: argparse.Namespace) -> int:
         # torchrun: every rank writes its shards, ranks meet on torch.distributed, rank 0 finalises.
         import sdi_torch.distributed as sd
 
-        sd.init_from_env()
-        store = sd.featurize_to_store(args.out, fn, batches, consolidate=not args.no_consolidate, **common)
-        if sd.rank_and_world()[0] == 0:
+        with sd.process_group() as (rank, _):
+            store = sd.featurize_to_store(args.out, fn, batches, consolidate=not args.no_consolidate, **common)
+        if rank == 0:
             print(store)
         return 0
     store = featurize_to_store(args.out, fn, batches, rank=rank, world_size=world, overwrite=args.overwrite,
@@ -440,9 +459,9 @@ def run_score(args: argparse.Namespace) -> int:
         # torchrun: each rank scores its share of the train rows; results are gathered and merged.
         import sdi_torch.distributed as sd
 
-        sd.init_from_env()
-        res = sd.score_store(train, query, **kw)
-        if sd.rank_and_world()[0] != 0:
+        with sd.process_group() as (rank, _):
+            res = sd.score_store(train, query, **kw)
+        if rank != 0:
             return 0
     else:
         res = score_store(train, query, rank=rank, world_size=world, **kw)

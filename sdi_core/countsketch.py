@@ -55,7 +55,13 @@ class HashTable:
         return self._gather
 
     def on(self, xp, like, name: str, dtype=None):
-        """Table ``name`` (``"index"``, ``"sign"``, ``"gather"``) as an ``xp`` array on ``like``'s device."""
+        """Table ``name`` as an ``xp`` array on ``like``'s device (cached per namespace, device and dtype).
+
+        Names: ``"index"``, ``"sign"``, ``"gather"`` (the portable plan) and
+        ``"index2"``: the index with negative-sign positions shifted to
+        buckets ``m .. 2m - 1``, for scattering unsigned values into two
+        halves whose difference is the sketch (see :mod:`sdi_core.engine`).
+        """
         dev = _device_or_none(like)
         key = (xp.__name__, str(dev), str(dtype), name)
         if key not in self._cache:
@@ -65,6 +71,8 @@ class HashTable:
                 host = self.sign
             elif name == "gather":
                 host = self.gather_plan().reshape(-1)
+            elif name == "index2":
+                host = self.index + self.m * (self.sign < 0)
             else:
                 raise KeyError(name)
             arr = _asarray(xp, host, dev)

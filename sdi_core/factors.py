@@ -126,3 +126,54 @@ class FactorUse:
                 f"Use of parameter {self.param!r} at step {self.step}: unknown kind {self.kind!r}; "
                 f"expected one of {USE_KINDS}."
             )
+
+
+@dataclass
+class StackedUse:
+    """The factors of one use of one parameter at ``S`` steps at once, for a batch of B examples.
+
+    This is what a ``lax.scan`` (or any stacked capture) produces: the step
+    axis is axis 1, one slice per entry of ``steps``.  Shapes by ``kind``
+    (``T`` is the token axis and is always present):
+
+    ================  ==========================  ===========================
+    kind              activation                  grad_output
+    ================  ==========================  ===========================
+    ``linear``        ``[B, S, T, d_in]``         ``[B, S, T, d_out]``
+    ``bias``          ``None``                    ``[B, S, T, d]``
+    ``scale``         ``[B, S, T, d]`` (``xhat``) ``[B, S, T, d]``
+    ``embedding``     ``[B, S, T]`` integer ids   ``[B, S, T, dim]``
+    ``dense``         ``None``                    ``[B, S, *canonical shape]``
+    ================  ==========================  ===========================
+
+    Attributes:
+        param, kind, row_slice, ignore_index: as for :class:`FactorUse`.
+        steps: the ``S`` step indices (non-negative ints, static), one per
+            slice of axis 1.  They may repeat (two uses of a weight in one
+            step stacked together): contributions to a step add.
+    """
+
+    param: str
+    kind: str
+    activation: Any
+    grad_output: Any
+    steps: tuple[int, ...]
+    row_slice: tuple[int, int] | None = None
+    ignore_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in USE_KINDS:
+            raise SDIError(
+                f"Stacked use of parameter {self.param!r}: unknown kind {self.kind!r}; expected one of {USE_KINDS}."
+            )
+        try:
+            steps = tuple(int(s) for s in self.steps)
+        except TypeError:
+            raise SDIError(
+                f"Stacked use of parameter {self.param!r}: steps must be a sequence of ints, got {self.steps!r}."
+            ) from None
+        if not steps or any(s < 0 for s in steps):
+            raise SDIError(
+                f"Stacked use of parameter {self.param!r}: steps must be non-empty non-negative ints, got {steps}."
+            )
+        self.steps = steps

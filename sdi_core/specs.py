@@ -45,13 +45,18 @@ class TensorSketch:
         route: how outer-product uses are sketched: ``"fft"`` (sum over tokens
             in the frequency domain, one inverse FFT), ``"exact_hash"``
             (form each example's ``sum_t g_t a_t^T`` with one batched matmul,
-            then hash it), or ``"auto"`` (choose per use with a cost model).
-            Both routes give the same features to float rounding.
+            then hash it), or ``"auto"`` (time both on the first use of each
+            shape and keep the faster; see :mod:`sdi_core.engine`).  Both
+            routes give the same features to float rounding.
+        time_routes: with ``route="auto"``, time the routes (default); False
+            decides by the cost model :func:`sdi_core.sketch.choose_route`
+            alone (deterministic, no timing runs).
     """
 
     dim: int
     seed: int = 0
     route: str = "auto"
+    time_routes: bool = True
 
     kind = "tensorsketch"
 

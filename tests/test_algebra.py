@@ -230,7 +230,7 @@ def test_sum_steps_sketcher_equals_summed_features(streams, sketch):
     plan = SketchPlan(sketch, PARAMS)
     steps = {"prelude": 1, "loop": 3, "coda": 1}
     per_step = sketch_uses(plan, train[0], 6, steps=steps, route="exact_hash")
-    summed = sketch_uses(plan, train[0], 6, steps=steps, route="exact_hash", sum_steps=True)
+    summed = sketch_uses(plan, train[0], 6, steps=steps, route="exact_hash", summed=True)
     for g, arr in per_step.items():
         assert summed[g].shape == (6, 1, arr.shape[2]), f"group {g}: {summed[g].shape}"
         np.testing.assert_allclose(summed[g][:, 0], arr.sum(axis=1), atol=1e-12, err_msg=f"group {g}")

@@ -28,7 +28,7 @@ SCRIPTS = {
     "bench_vs_paper.py": ["--out-dir", "{out}"],
     "bench_scoring.py": ["--out-dir", "{out}"],
     "bench_jax_featurize.py": ["--out-dir", "{out}"],
-    "gpu_check.py": ["--out-dir", "{out}"],
+    "gpu_check.py": ["--sections", "scoring", "--out-dir", "{out}"],  # every section: tests/test_gpu_check.py
     "tasks.py": ["--out-dir", "{out}", "--tasks", "parity", "sudoku", "--seeds", "0"],
 }
 TESTED_ELSEWHERE = {
@@ -99,8 +99,15 @@ def test_featurize_grid_quick(tmp_path):
     got = {(r["backend"], r["d_model"], r["batch"], r["m"]) for r in res["rows"]}
     assert got == want, f"grid rows {sorted(got)} != {sorted(want)}"
     for r in res["rows"]:
-        assert r["time_ratio"] > 0 and r["fwd_bwd_s"] > 0 and r["featurize_s"] > 0, r
+        assert r["time_ratio"] > 0 and r["fwd_bwd_s"] > 0 and r["auto_s"] > 0 and r["summed_time_ratio"] > 0, r
+        forced = [r[f"{route}_s"] for route in res["config"]["forced_routes"]]
+        assert forced and r["auto_vs_best_forced"] == pytest.approx(r["auto_s"] / min(forced)), r
+        assert "auto_peak_mib" in r and "summed_peak_mib" in r, "memory rows joined from the memory run"
     assert res["profiles"]["torch"]["top_tottime"], res["profiles"]
+    assert res["time"]["machine"]["pid"] != res["memory"]["machine"]["pid"], "time and memory in separate processes"
+    for part in ("time", "memory"):
+        assert len(res[part]["load"]["load_before"]) == 3 and len(res[part]["load"]["load_after"]) == 3
+    assert res["valid"] == (res["time"]["load"]["valid"] and res["memory"]["load"]["valid"])
 
 
 def test_vs_exact_quick(tmp_path):
@@ -172,7 +179,7 @@ def test_scoring_quick_sweeps_time_and_memory_in_separate_processes(tmp_path):
 def test_gpu_check_quick_runs_on_whatever_torch_has(tmp_path):
     pytest.importorskip("torch")
     run_quick("gpu_check.py", tmp_path)
-    res = load(tmp_path, "gpu_check_quick.json")
+    res = load(tmp_path, "gpu_check_quick.json")["sections"]["scoring"]
     assert res["topk_matches_baseline_product"] is True, res
     assert "torch" in res["scored_on"]["namespace"], res["scored_on"]
     assert res["gpu_result"] == res["scored_on"]["device"].startswith("cuda"), res
@@ -205,3 +212,7 @@ def test_backend_benchmark_quick(tmp_path, script, result):
     run_quick(script, tmp_path)
     res = load(tmp_path, result)
     assert res, f"{script} wrote an empty result"
+    if script == "bench_jax_featurize.py":
+        assert {r["candidate"] for r in res["rows"]} == {"featurize", "summed"}, res["rows"]
+        assert all(r["time_ratio"] > 0 and "memory_ratio" in r for r in res["rows"]), res["rows"]
+        assert res["time"]["machine"]["memory_instrumentation"] is False and res["memory"]["load"]["load_after"]

@@ -219,7 +219,7 @@ def test_checkpoint_ids_etas_and_content_hash(jax_x64):
     ids = [c.id for c in f.checkpoints]
     assert ids[1] == "named" and ids[0] == ids[2] != ids[1], f"checkpoint ids {ids}"
     assert [c.eta for c in f.checkpoints] == [0.1, 0.2, 1.0] and f.checkpoints[1].step == 7
-    assert ids[0] == sdi_jax.params_fingerprint(_toy_params(0)), "id is a content hash of the weights"
+    assert ids[0] == sdi_core.checkpoint_id(sdi_jax.named_leaves(_toy_params(0))), "id is a content hash of the weights"
 
 
 def test_float32_params_give_float32_features(jax_x64):
@@ -395,3 +395,25 @@ def test_examples_that_interact_are_an_error(jax_x64):
     quiet = sdi_jax.Attributor(coupled, loop=lambda p: p["block"], sketch=sdi_core.Exact(), progress=False,
                                check_rows=False)
     assert quiet.featurize([_toy_batch()], [Checkpoint(_toy_params())]).n_examples == 4
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_summed_features_equal_per_step_features_summed(jax_x64, scan):
+    """featurize(summed=True) hashes each parameter's step-summed gradient once: equal to summing the per-step
+    features (the sketch is linear); the routes chosen are recorded in meta."""
+    from sdi_jax import models as jm
+
+    cfg = jm.LoopedConfig(vocab_size=11, d_model=16, n_heads=2, tau=3, max_len=6)
+    params = jm.init_params(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, (3, 6))
+    batch = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, 1, 1))}
+    attr = sdi_jax.Attributor(lambda p, b: jm.per_example_loss(p, b, cfg, scan=scan), loop=lambda p: p["block"],
+                              sketch=sdi_core.TensorSketch(dim=64, seed=0), progress=False)
+    ck = [Checkpoint(params, name="c")]
+    per_step = attr.featurize([batch], ck)
+    summed = attr.featurize([batch], ck, summed=True)
+    assert summed.summed and summed.steps == per_step.steps
+    _assert_features_close(summed, per_step.sum_steps(), 1e-10, "summed=True vs per-step features summed")
+    routes = summed.meta["routes"]
+    assert "block.mlp.fc1.weight" in routes and routes["block.mlp.fc1.weight"]["route"] in ("fft", "exact_hash")

@@ -14,7 +14,6 @@ from sdi_core.cli_store import (
     demo_data,
     demo_model,
     numpy_reference_featurizer,
-    weights_id,
 )
 from sdi_core.features import CheckpointInfo
 from sdi_core.reference.looped_transformer import LoopedConfig, init_weights
@@ -38,7 +37,7 @@ def demo_stores(tmp_path_factory):
 
 def test_demo_featurize_matches_the_reference_featurizer(demo_stores):
     config, weights = demo_model()
-    ck = [(weights, CheckpointInfo(weights_id(weights), 1.0, None))]
+    ck = [(weights, CheckpointInfo(sdi_core.checkpoint_id(weights), 1.0, None))]
     for split in ("train", "query"):
         data = demo_data(split, config)
         fn = numpy_reference_featurizer(config, ck, TensorSketch(dim=256, seed=0), data)
@@ -97,8 +96,8 @@ def test_featurize_from_files_with_two_checkpoints(tmp_path):
                 "--dtype", "float64", "--sketch-dim", "64", "--seed", "3", "--tau", "3") == 0
     st = open_store(tmp_path / "s")
     assert [c.eta for c in st.checkpoints] == [0.5, 0.1] and st.steps == {"prelude": 1, "loop": 3, "coda": 1}
-    assert st.checkpoints[0].id == weights_id(ws[0]) != st.checkpoints[1].id
-    ck = [(w, CheckpointInfo(weights_id(w), e, None)) for w, e in zip(ws, (0.5, 0.1))]
+    assert st.checkpoints[0].id == sdi_core.checkpoint_id(ws[0]) != st.checkpoints[1].id
+    ck = [(w, CheckpointInfo(sdi_core.checkpoint_id(w), e, None)) for w, e in zip(ws, (0.5, 0.1))]
     fn = numpy_reference_featurizer(config, ck, TensorSketch(dim=64, seed=3),
                                     {"tokens": tokens, "targets": targets, "ids": ids},
                                     groups=("prelude", "loop", "coda"), tau=3)

@@ -69,6 +69,29 @@ def test_fast_path_equals_core_sketcher(route):
     assert float(fast.data[0]["prelude"].abs().max()) > 0
 
 
+@pytest.mark.parametrize("route", ["auto", "exact_hash", "fft"])
+def test_summed_features_equal_per_step_features_summed(route):
+    """featurize(summed=True) (step-summed gradients hashed once) equals the per-step features summed, and the
+    untied baseline summed; the routes are recorded in meta."""
+    model = make_model(n_prelude=1, n_coda=1)
+    groups = {"prelude": [model.tok_emb, model.pos_emb], "coda": [model.ln_f, model.coda]}
+    sketch = sdi_core.TensorSketch(dim=32, seed=4, route=route)
+    batches = [make_batch(1), make_batch(2, B=3)]
+    attr = attributor(model, sketch, groups=groups)
+    per_step, summed = attr.featurize(batches), attr.featurize(batches, summed=True)
+    assert summed.summed and summed.steps == per_step.steps
+    for g, arr in per_step.sum_steps().data[0].items():
+        err = max_err(summed.data[0][g], arr)
+        assert err <= TOL * max(1.0, float(arr.abs().max())), f"group {g}, route {route}: {err:.3g}"
+    routes = summed.meta["routes"]
+    assert routes["block.mlp.fc1.weight"]["source"] == ("forced" if route != "auto" else routes[
+        "block.mlp.fc1.weight"]["source"]) and routes["block.mlp.fc1.weight"]["route"] in ("fft", "exact_hash")
+    exact = sdi_torch.untied_baseline(model, model.block, per_example_loss, batches, groups=groups, summed=True)
+    want = attributor(model, groups=groups).featurize(batches).sum_steps()
+    for g, arr in want.data[0].items():
+        assert max_err(exact.data[0][g], arr) <= TOL * max(1.0, float(arr.abs().max())), g
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 

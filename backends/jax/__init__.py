@@ -14,7 +14,7 @@ transformer lives in :mod:`sdi_jax.models`, the exact untied ``vmap(grad)``
 baseline in :mod:`sdi_jax.baseline`.
 """
 
-from .attributor import Attributor, params_fingerprint
+from .attributor import Attributor, named_leaves
 from .capture import CapturePlan, leaf_names, loop_step
 
-__all__ = ["Attributor", "CapturePlan", "leaf_names", "loop_step", "params_fingerprint"]
+__all__ = ["Attributor", "CapturePlan", "leaf_names", "loop_step", "named_leaves"]

@@ -8,16 +8,17 @@
     res = sdi_core.influence(train, query)
 
 Per batch, one jitted function runs the captured loss (see
-:mod:`sdi_jax.capture`), turns every use's factors into features with the
-core's pure :func:`sdi_core.use_features`, and adds them per parameter and
-step.  It is traced once per parameter/batch shape; checkpoints and batches of
-the same shape reuse the compiled function.
+:mod:`sdi_jax.capture`) and hands every site's stacked factors
+(:class:`sdi_core.StackedUse`, ``[B, S, T, d]`` with its steps) to the core's
+:class:`sdi_core.SketchEngine` in its pure ``init`` / ``update`` /
+``finalize`` form.  It is traced once per parameter/batch shape; checkpoints
+and batches of the same shape reuse the compiled function.  With
+``TensorSketch(route="auto")`` the engine times the routes of each linear
+use shape while the function is traced (see :mod:`sdi_core.engine`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
@@ -25,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdi_core.factors import FactorUse, SDIError
+from sdi_core import driver
+from sdi_core.engine import SketchEngine, check_features_finite
+from sdi_core.factors import FactorUse, SDIError, StackedUse
 from sdi_core.features import Checkpoint, CheckpointInfo, Features
-from sdi_core.sketch import use_features
 from sdi_core.specs import Exact, SketchPlan, TensorSketch
+from sdi_core.weights import checkpoint_id
 
-from .capture import CapturePlan, batch_size, build_plan, flat_batch_axes, leaf_names, run_capture, select_leaves, \
-    site_arrays
+from .capture import CapturePlan, build_plan, leaf_names, run_capture, select_leaves, site_arrays
 
 __all__ = ["Attributor"]
 
@@ -57,14 +59,9 @@ def _tree_diff(a, b) -> str:
     return "they differ"
 
 
-def params_fingerprint(params) -> str:
-    """A short content hash of a params pytree (names, shapes, dtypes and values)."""
-    h = hashlib.sha256()
-    for name, leaf in zip(leaf_names(params), jax.tree_util.tree_leaves(params)):
-        arr = np.asarray(leaf)
-        h.update(f"{name}|{arr.shape}|{arr.dtype}|".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:16]
+def named_leaves(params) -> dict:
+    """``{dotted path: leaf}`` of a params pytree (what :func:`sdi_core.checkpoint_id` hashes)."""
+    return dict(zip(leaf_names(params), jax.tree_util.tree_leaves(params)))
 
 
 class Attributor:
@@ -166,6 +163,7 @@ class Attributor:
         self._plans: dict = {}
         self._fns: dict = {}
         self._sketch_plans: dict = {}
+        self._engines: dict = {}
 
     # ---------------------------------------------------------------- planning
     def capture_plan(self, params, batch) -> CapturePlan:
@@ -189,14 +187,22 @@ class Attributor:
             self._sketch_plans[key] = sp
         return sp
 
-    def _fn(self, params, batch, kind: str):
+    def engine(self, params, batch) -> SketchEngine:
+        """The :class:`sdi_core.SketchEngine` of this params and batch structure (its route choices persist)."""
+        sp = self.sketch_plan(params, batch)
+        eng = self._engines.get(id(sp))
+        if eng is None:
+            eng = self._engines[id(sp)] = SketchEngine(sp)
+        return eng
+
+    def _fn(self, params, batch, kind: str, summed: bool = False):
         cap = self.capture_plan(params, batch)
         sp = self.sketch_plan(params, batch)
-        key = (id(cap), kind)
+        key = (id(cap), kind, bool(summed))
         fn = self._fns.get(key)
         if fn is None:
             if kind == "features":
-                fn = _make_features_fn(cap, sp, getattr(self.sketch, "route", "auto"))
+                fn = _capture_and_sketch(cap, self.engine(params, batch), bool(summed))
             else:
                 fn = lambda p, b: run_capture(cap, p, b)  # noqa: E731
             if self.jit:
@@ -205,17 +211,20 @@ class Attributor:
         return cap, sp, fn
 
     # --------------------------------------------------------------- one batch
-    def featurize_batch(self, params, batch) -> dict[str, Any]:
+    def featurize_batch(self, params, batch, *, summed: bool = False) -> dict[str, Any]:
         """Features of one batch at one set of params: ``{group: [B, S_g, D_g]}`` (jax arrays).
+
+        With ``summed=True`` every group has one slot, the sum over its steps
+        (per-example gradients hashed exactly are summed before hashing).
 
         Raises SDIError naming the parameter and step when a feature is not finite.
         """
-        cap, sp, fn = self._fn(params, batch, "features")
+        cap, sp, fn = self._fn(params, batch, "features", summed)
         out, loss = fn(params, batch)
         if self.check_rows and id(cap) not in self._rows_checked:
             self._check_rows(params, batch, loss)
             self._rows_checked.add(id(cap))
-        _check_finite(out, sp, cap)
+        check_features_finite(out, sp.layout)
         return out
 
     def _check_rows(self, params, batch, loss) -> None:
@@ -272,6 +281,7 @@ class Attributor:
         *,
         example_ids=None,
         progress: bool | None = None,
+        summed: bool = False,
     ) -> Features:
         """Per-step features of every example at every checkpoint.
 
@@ -281,70 +291,65 @@ class Attributor:
                 given as a Mapping.  Iterated once per checkpoint.
             checkpoints: :class:`sdi_core.Checkpoint` objects whose ``source``
                 is a params pytree (``eta`` defaults to 1.0; the id to
-                ``name`` or a content hash of the params).  A bare pytree
-                is taken as ``Checkpoint(pytree)``.
+                ``name`` or :func:`sdi_core.checkpoint_id` of the params,
+                the same id sdi_torch gives the same weights).  A bare
+                pytree is taken as ``Checkpoint(pytree)``.
             example_ids: optional ``[N]`` ints; default ``0 .. N-1``.
             progress: override the Attributor's ``progress``.
+            summed: features summed over steps (``[N, 1, D_g]``, ``Features.summed``).
 
         Returns:
             :class:`sdi_core.Features` with one ``{group: [N, S_g, D_g]}``
-            block of jax arrays per checkpoint.
+            block of jax arrays per checkpoint; ``meta["routes"]`` holds the
+            outer-product routes chosen.
         """
-        if isinstance(batches, Mapping):
-            batches = [batches]
-        batches = list(batches)
-        if not batches:
-            raise SDIError("featurize needs at least one batch.")
         ckpts = _as_checkpoints(checkpoints)
-        first = ckpts[0].source
-        first_key = _struct_key(first)
+        first_key = _struct_key(ckpts[0].source)
         for k, c in enumerate(ckpts[1:], start=1):
             if _struct_key(c.source) != first_key:
                 raise SDIError(
-                    f"Checkpoint {k}'s params pytree differs from checkpoint 0's: {_tree_diff(first, c.source)}. "
+                    f"Checkpoint {k}'s params pytree differs from checkpoint 0's: {_tree_diff(ckpts[0].source, c.source)}. "
                     "Every checkpoint must have the same structure, leaf shapes and dtypes (the same model)."
                 )
-        sizes = [batch_size(b, flat_batch_axes(b, self.batch_axes)) for b in batches]
-        n = sum(sizes)
-        if example_ids is None:
-            ids = np.arange(n, dtype=np.int64)
-        else:
-            ids = np.asarray(example_ids)
-            if ids.shape != (n,):
-                raise SDIError(f"example_ids has shape {ids.shape}; the batches hold {n} examples, expected ({n},).")
         show = self.progress if progress is None else bool(progress)
-        bar = None
-        if show:
-            from tqdm.auto import tqdm
+        return driver.featurize(_Session(self, ckpts[0].source), batches, ckpts, example_ids=example_ids,
+                                summed=summed, progress=show, desc="sdi_jax featurize")
 
-            bar = tqdm(total=len(ckpts) * len(batches), desc="sdi_jax featurize", unit="batch")
-        data, infos, layout, steps = [], [], None, None
-        try:
-            for ck in ckpts:
-                parts: dict[str, list] = {}
-                for batch in batches:
-                    cap = self.capture_plan(ck.source, batch)
-                    sp = self.sketch_plan(ck.source, batch)
-                    if layout is None:
-                        layout, steps = sp.layout, dict(cap.steps)
-                    elif sp.layout.diff(layout) is not None or dict(cap.steps) != steps:
-                        raise SDIError(
-                            f"Batches give different captures ({sp.layout.diff(layout) or 'steps differ'}); keep "
-                            "the loop count and the model the same across batches."
-                        )
-                    out = self.featurize_batch(ck.source, batch)
-                    for g, arr in out.items():
-                        parts.setdefault(g, []).append(arr)
-                    if bar is not None:
-                        bar.update(1)
-                data.append({g: (v[0] if len(v) == 1 else jnp.concatenate(v, axis=0)) for g, v in parts.items()})
-                infos.append(CheckpointInfo(ck.name or params_fingerprint(ck.source), 1.0 if ck.eta is None else ck.eta,
-                                            ck.step))
-        finally:
-            if bar is not None:
-                bar.close()
-        return Features(data=data, layout=layout, checkpoints=tuple(infos), steps=steps, example_ids=ids,
-                        meta={"backend": "sdi_jax"})
+
+class _Session:
+    """The driver's session: nothing to install or restore (pure functions); checkpoints are params pytrees."""
+
+    def __init__(self, attr: Attributor, first) -> None:
+        self.attr = attr
+        self.first = first
+        self.params = None
+        self._engines: list = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.params = None
+
+    def load(self, ck: Checkpoint) -> CheckpointInfo:
+        self.params = ck.source
+        return CheckpointInfo(ck.name or checkpoint_id(named_leaves(ck.source)), 1.0 if ck.eta is None else ck.eta,
+                              ck.step)
+
+    def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        attr = self.attr
+        cap = attr.capture_plan(self.params, batch)
+        out = attr.featurize_batch(self.params, batch, summed=summed)
+        engine = attr.engine(self.params, batch)
+        if engine not in self._engines:
+            self._engines.append(engine)
+        return driver.BatchFeatures(out, dict(cap.steps), attr.sketch_plan(self.params, batch).layout)
+
+    def meta(self) -> dict:
+        routes = {}
+        for engine in self._engines:
+            routes.update(engine.routes())
+        return {"backend": "sdi_jax", "routes": routes}
 
 
 def _as_checkpoints(checkpoints) -> list[Checkpoint]:
@@ -369,101 +374,17 @@ def _as_checkpoints(checkpoints) -> list[Checkpoint]:
     return out
 
 
-def _blocked_use_features(name, kind, a, g, spec, route, row_block):
-    """:func:`sdi_core.use_features` of ``rows`` independent rows, a block of rows at a time.
-
-    An outer-product use hashed exactly forms every row's ``[d_out, d_in]``
-    gradient before hashing it; a ``lax.map`` over blocks of rows keeps that
-    working set in cache instead of materialising all rows at once (on a 2-core
-    CPU this is the difference between ~1.8x and ~1.2x of a forward+backward
-    for the benchmark transformer).
-    """
-    rows = g.shape[0]
-    per_row = math.prod(spec.param.matrix_shape or (spec.param.numel,))
-    block = max(1, min(rows, row_block // max(per_row, 1)))
-    if kind not in ("linear", "embedding") or block >= rows:
-        return use_features(FactorUse(name, 0, kind, a, g), spec, route=route)
-    pad = (-rows) % block
-
-    def blocks(x):
-        if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
-        return jnp.reshape(x, (-1, block) + x.shape[1:])
-
-    def one(ag):
-        return use_features(FactorUse(name, 0, kind, ag[0], ag[1]), spec, route=route)
-
-    out = jax.lax.map(one, (blocks(a), blocks(g)))
-    return jnp.reshape(out, (-1, out.shape[-1]))[:rows]
-
-
-def _make_features_fn(cap: CapturePlan, sp: SketchPlan, route: str, row_block: int = 1 << 20):
-    """The pure per-batch featurisation: params, batch -> {group: [B, S_g, D_g]}.
-
-    ``row_block``: rows of an outer-product use are sketched in blocks of about
-    ``row_block / (d_out * d_in)`` rows (see :func:`_blocked_use_features`).
-    """
+def _capture_and_sketch(cap: CapturePlan, engine: SketchEngine, summed: bool):
+    """The pure per-batch featurisation: params, batch -> ({group: [B, S_g, D_g]}, loss [B])."""
     leaf_to_name = {v: k for k, v in cap.leaf_index.items()}
 
     def features(params, batch):
         loss, grads, acts = run_capture(cap, params, batch)
-        # group the sites that can share one use_features call: same parameter, kind and factor shapes
-        buckets: dict = {}
+        uses = []
         for site in cap.sites:
             steps, kind, a, g = site_arrays(cap, site, grads, acts)
-            name = leaf_to_name[site.leaf]
-            key = (name, kind, None if a is None else (a.shape[2:], str(a.dtype)), (g.shape[2:], str(g.dtype)))
-            buckets.setdefault(key, []).append((steps, a, g))
-        per_param: dict = {}
-        for (name, kind, _, _), items in buckets.items():
-            steps = [s for st, _, _ in items for s in st]
-            a = None if items[0][1] is None else _cat([x[1] for x in items])
-            g = _cat([x[2] for x in items])
-            b, s_tot = g.shape[0], g.shape[1]
-            a_flat = None if a is None else jnp.reshape(a, (b * s_tot,) + a.shape[2:])
-            g_flat = jnp.reshape(g, (b * s_tot,) + g.shape[2:])
-            feats = _blocked_use_features(name, kind, a_flat, g_flat, sp.spec(name), route, row_block)
-            feats = jnp.reshape(feats, (b, s_tot, feats.shape[-1]))
-            per_param.setdefault(name, []).append((steps, feats))
-        out = {}
-        for grp in sp.layout.groups:
-            s_g = cap.steps[grp.name]
-            blocks = []
-            for pname, (lo, hi) in zip(grp.params, grp.offsets):
-                acc = None
-                for steps, feats in per_param.get(pname, []):
-                    if acc is None and list(steps) == list(range(s_g)):
-                        acc = feats
-                        continue
-                    if acc is None:
-                        acc = jnp.zeros((feats.shape[0], s_g, hi - lo), feats.dtype)
-                    acc = acc.at[:, jnp.asarray(steps)].add(feats.astype(acc.dtype))
-                blocks.append(acc)
-            dt = jnp.result_type(*[x.dtype for x in blocks])
-            blocks = [x.astype(dt) for x in blocks]
-            out[grp.name] = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
-        return out, loss
+            uses.append(StackedUse(leaf_to_name[site.leaf], kind, a, g, steps))
+        state = engine.update(engine.init(int(loss.shape[0]), dict(cap.steps), summed=summed), uses)
+        return engine.finalize(state, check_finite=False), loss
 
     return features
-
-
-def _cat(arrs):
-    return arrs[0] if len(arrs) == 1 else jnp.concatenate(arrs, axis=1)
-
-
-def _check_finite(out: Mapping[str, Any], sp: SketchPlan, cap: CapturePlan) -> None:
-    ok = jnp.stack([jnp.all(jnp.isfinite(a)) for a in out.values()])
-    if bool(jnp.all(ok)):
-        return
-    for grp in sp.layout.groups:
-        arr = np.asarray(out[grp.name])
-        for pname, (lo, hi) in zip(grp.params, grp.offsets):
-            bad = ~np.isfinite(arr[:, :, lo:hi]).all(axis=(0, 2))
-            if bad.any():
-                step = int(np.argmax(bad))
-                raise SDIError(
-                    f"Non-finite (NaN or inf) gradient factors for parameter {pname!r} at step {step} of group "
-                    f"{grp.name!r}. Check the loss and inputs of this batch (the checkpoint may have diverged, or an "
-                    "example has no finite loss)."
-                )
-    raise SDIError("Non-finite features in this batch; check the loss and inputs.")

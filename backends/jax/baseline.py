@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdi_core import driver
 from sdi_core.factors import ParamInfo, SDIError
-from sdi_core.features import Checkpoint, CheckpointInfo, Features
+from sdi_core.features import Checkpoint, Features
 from sdi_core.specs import Exact, SketchPlan
 
-from .attributor import _as_checkpoints, params_fingerprint
-from .capture import batch_size, flat_batch_axes, leaf_names, select_leaves
+from .attributor import _as_checkpoints, _Session
+from .capture import flat_batch_axes, leaf_names, select_leaves
 
 __all__ = ["untied_per_step_gradients", "exact_features", "looped_untied_loss"]
 
@@ -124,6 +125,7 @@ def exact_features(
     params: Sequence[ParamInfo] | None = None,
     batch_axes=0,
     example_ids=None,
+    summed: bool = False,
 ) -> Features:
     """:class:`sdi_core.Features` under :class:`sdi_core.Exact` from untied ``vmap(grad)`` gradients.
 
@@ -133,32 +135,48 @@ def exact_features(
             order and leaves in selection order.
         Others: as :func:`untied_per_step_gradients` and
             :meth:`sdi_jax.Attributor.featurize`.
+        summed: features summed over steps.
 
     Returns:
         Features comparable with an Attributor's ``Exact()`` features of the
-        tied loss (same checkpoint ids: ``name`` or the same content hash).
+        tied loss (same checkpoint ids: ``name`` or :func:`sdi_core.checkpoint_id`).
     """
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    batches = list(batches)
-    ckpts = _as_checkpoints(checkpoints)
-    data, infos, plan = [], [], None
-    for ck in ckpts:
-        blocks = [untied_per_step_gradients(untied_loss_fn, ck.source, b, loop=loop, tau=tau, extra=extra,
-                                            transposed=transposed, batch_axes=batch_axes) for b in batches]
-        grads = {n: np.concatenate([bl[n] for bl in blocks], axis=0) for n in blocks[0]}
-        if plan is None:
-            if params is None:
-                groups = {n: "loop" for n in (leaf_names(ck.source)[i] for i in select_leaves(ck.source, loop, "'loop'"))}
-                for g, sel in dict(extra or {}).items():
-                    groups.update({leaf_names(ck.source)[i]: g for i in select_leaves(ck.source, sel, repr(g))})
-                params = [ParamInfo(n, grads[n].shape[2:], g) for n, g in groups.items()]
-            plan = SketchPlan(Exact(), params)
-            missing = [p.name for p in params if p.name not in grads]
+    session = _UntiedSession(untied_loss_fn, _as_checkpoints(checkpoints), loop=loop, tau=tau, extra=extra,
+                             transposed=transposed, params=params, batch_axes=batch_axes)
+    return driver.featurize(session, batches, session.ckpts, example_ids=example_ids, summed=summed, progress=False)
+
+
+class _UntiedSession(_Session):
+    """The driver's session for the untied baseline: per-step gradients flattened in the Exact layout."""
+
+    def __init__(self, untied_loss_fn, ckpts, *, loop, tau, extra, transposed, params, batch_axes):
+        super().__init__(None, ckpts[0].source)
+        self.ckpts = ckpts
+        self.fn, self.loop, self.tau, self.extra = untied_loss_fn, loop, tau, extra
+        self.transposed, self.param_infos, self.batch_axes = transposed, params, batch_axes
+        self.plan: SketchPlan | None = None
+
+    def _plan(self, grads) -> SketchPlan:
+        if self.plan is None:
+            infos = self.param_infos
+            if infos is None:
+                src, names = self.first, leaf_names(self.first)
+                groups = {names[i]: "loop" for i in select_leaves(src, self.loop, "'loop'")}
+                for g, sel in dict(self.extra or {}).items():
+                    groups.update({names[i]: g for i in select_leaves(src, sel, repr(g))})
+                infos = [ParamInfo(n, grads[n].shape[2:], g) for n, g in groups.items()]
+            missing = [p.name for p in infos if p.name not in grads]
             if missing:
                 raise SDIError(f"exact_features: parameters {missing} are not selected by loop/extra.")
+            self.plan = SketchPlan(Exact(), infos)
+        return self.plan
+
+    def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        grads = untied_per_step_gradients(self.fn, self.params, batch, loop=self.loop, tau=self.tau, extra=self.extra,
+                                          transposed=self.transposed, batch_axes=self.batch_axes)
+        plan = self._plan(grads)
         n = next(iter(grads.values())).shape[0]
-        block = {}
+        data = {}
         for grp in plan.layout.groups:
             parts = []
             for name in grp.params:
@@ -168,15 +186,13 @@ def exact_features(
                     raise SDIError(f"exact_features: gradient of {name!r} has canonical shape {g.shape[2:]}, the "
                                    f"layout says {want}; check `transposed`.")
                 parts.append(g.reshape(n, g.shape[1], -1))
-            block[grp.name] = np.concatenate(parts, axis=2)
-        data.append(block)
-        infos.append(CheckpointInfo(ck.name or params_fingerprint(ck.source), 1.0 if ck.eta is None else ck.eta,
-                                    ck.step))
-    n_total = sum(batch_size(b, flat_batch_axes(b, batch_axes)) for b in batches)
-    ids = np.arange(n_total, dtype=np.int64) if example_ids is None else np.asarray(example_ids)
-    steps = {g.name: (int(tau) if g.name == "loop" else 1) for g in plan.layout.groups}
-    return Features(data=data, layout=plan.layout, checkpoints=tuple(infos), steps=steps, example_ids=ids,
-                    meta={"backend": "sdi_jax.baseline"})
+            flat = np.concatenate(parts, axis=2)
+            data[grp.name] = flat.sum(axis=1, keepdims=True) if summed else flat
+        steps = {g.name: (int(self.tau) if g.name == "loop" else 1) for g in plan.layout.groups}
+        return driver.BatchFeatures(data, steps, plan.layout)
+
+    def meta(self) -> dict:
+        return {"backend": "sdi_jax.baseline"}
 
 
 def looped_untied_loss(config) -> Callable:

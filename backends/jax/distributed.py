@@ -98,9 +98,11 @@ class ShardedFeaturizer:
         for c in checkpoints:
             c = c if isinstance(c, Checkpoint) else Checkpoint(c)
             if c.name is None:
-                from .attributor import params_fingerprint
+                from sdi_core.weights import checkpoint_id
 
-                c = replace(c, name=params_fingerprint(c.source))  # the id of the unsharded params
+                from .attributor import named_leaves
+
+                c = replace(c, name=checkpoint_id(named_leaves(c.source)))  # the id of the unsharded params
             self.checkpoints.append(replace(c, source=jax.device_put(c.source, replicated)))
 
     def features(self, batch_list: list) -> Features:

@@ -26,6 +26,7 @@ need it.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
@@ -137,7 +138,7 @@ def _attention(p, a, n_heads):
     B, T, d = a.shape
     dh = d // n_heads
     q, k, v = (_linear(p[n], a).reshape(B, T, n_heads, dh).transpose(0, 2, 1, 3) for n in ("q", "k", "v"))
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dh)
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(dh)  # a Python float: float32 stays float32 under x64
     causal = np.tril(np.ones((T, T), dtype=bool))
     probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
     return _linear(p["o"], (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, d))

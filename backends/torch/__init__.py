@@ -2,7 +2,7 @@
 
 ``Attributor(model, loop=..., loss_fn=..., sketch=...)`` captures the per-step
 factor stream of any looped ``nn.Module`` with a ``TorchFunctionMode`` and
-hands it to the core's streaming sketcher; ``untied_baseline`` computes the
+hands it to the core's sketch engine; ``untied_baseline`` computes the
 same features the slow way (the loop body untied into one weight copy per
 step, per-example gradients with ``torch.func``) as independent ground truth.
 The reference looped transformer lives in :mod:`sdi_torch.models`.
@@ -18,7 +18,7 @@ import importlib
 _EXPORTS = {
     "Attributor": "attributor",
     "load_checkpoint": "attributor",
-    "weights_hash": "attributor",
+    "ModelSession": "attributor",
     "FactorCapture": "capture",
     "capture_factors": "capture",
     "resolve_selection": "selection",

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from sdi_core import Checkpoint, CheckpointInfo, Exact, Features, SDIError, SketchPlan, StreamingSketcher, TensorSketch
+from sdi_core import Checkpoint, CheckpointInfo, Exact, Features, SDIError, SketchEngine, SketchPlan, TensorSketch
+from sdi_core import driver
+from sdi_core.weights import checkpoint_id
 
 from .capture import FactorCapture
-from .fastpath import TorchSketcher, Workspace
-from .selection import LOOP, Selection, resolve_selection
+from .selection import Selection, resolve_selection
 
-__all__ = ["Attributor", "load_checkpoint", "weights_hash"]
+__all__ = ["Attributor", "ModelSession", "load_checkpoint"]
 
 
 class Attributor:
@@ -68,13 +67,15 @@ class Attributor:
             does not depend on the batch (e.g. ``pos_emb(arange(T))``) and
             the leading size of the first tensor in the batch is not ``B``.
         progress: show tqdm progress bars over checkpoints and batches.
-        fast_path: sketch with :class:`sdi_torch.fastpath.TorchSketcher`
-            (default); False uses the core's portable
-            :class:`sdi_core.StreamingSketcher` (same features to rounding).
+        fast_path: sketch with the engine's native torch kernels (default);
+            False uses its portable array-API kernels (same features to
+            rounding; for testing).
 
     Attributes:
         selection: the resolved parameters (``.infos``: ``ParamInfo`` list).
         plan: the :class:`sdi_core.SketchPlan` (layout and sketch specs).
+        engine: the :class:`sdi_core.SketchEngine` the uses are streamed to
+            (it keeps the workspace and the route choices between calls).
 
     Canonical shapes are the stored shapes (``nn.Linear``: ``(d_out, d_in)``).
     Activations must be batch-major (see :mod:`sdi_torch.capture` for the
@@ -112,7 +113,7 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.fast = bool(fast_path)
-        self._workspace = Workspace()
+        self.engine = SketchEngine(self.plan, method="auto" if self.fast else "portable")
         self._weights_id = None
 
     def __repr__(self) -> str:
@@ -132,27 +133,37 @@ class Attributor:
         steps: int | None = None,
         example_ids: Sequence[int] | None = None,
         progress: bool | None = None,
+        summed: bool = False,
     ) -> Features:
         """Per-step features of every example of ``batches`` at every checkpoint.
 
         Args:
-            batches: an iterable of batches (anything ``loss_fn`` accepts);
-                re-iterated once per checkpoint (an iterator is materialised
-                into a list when there are several checkpoints).
+            batches: an iterable of batches (anything ``loss_fn`` accepts),
+                or one batch given as a mapping; re-iterated once per
+                checkpoint (an iterator is materialised into a list when
+                there are several checkpoints).
             checkpoints: :class:`sdi_core.Checkpoint` list; ``source`` is a
                 path (``torch.load(weights_only=True)``; a dict holding
                 ``"state_dict"`` or ``"model"`` plus optional ``"lr"`` and
                 ``"step"``, whose ``lr`` is the default ``eta``) or a
                 ``state_dict``.  None: the current weights with ``eta = 1``.
                 Weights are loaded into the model and restored afterwards.
+                An unnamed checkpoint's id is :func:`sdi_core.checkpoint_id`
+                of its weights (the same id sdi_jax gives the same weights).
             steps: pad every batch's loop axis to this many steps (default:
                 the most steps any batch ran).
-            example_ids: optional integer ids, one per example.
+            example_ids: optional integer ids, one per example (default: none).
             progress: override the Attributor's ``progress``.
+            summed: return features summed over steps (``[N, 1, D_g]``,
+                ``Features.summed``): the train side of the query-step
+                trajectory and TracIn.  Per-example gradients hashed exactly
+                are summed over the steps first and hashed once.
 
         Returns:
             :class:`sdi_core.Features`: per checkpoint, ``{group: [N, S_g, D_g]}``
-            torch tensors (float32, or float64 for float64 models).
+            torch tensors (float32, or float64 for float64 models);
+            ``meta["routes"]`` holds the outer-product route of each
+            TensorSketched linear parameter (see :class:`sdi_core.SketchEngine`).
 
         Raises:
             SDIError: a loss of the wrong shape, NaN/inf losses or gradients
@@ -160,116 +171,118 @@ class Attributor:
                 not match the model, a loop selection never used or used
                 unevenly, an operation the capture does not understand.
         """
-        show = self.progress if progress is None else progress
         ckpts = _checkpoint_list(checkpoints)
-        if ckpts is not None and len(ckpts) > 1 and iter(batches) is batches:
-            batches = list(batches)
-        model = self.model
-        modes = {m: m.training for m in model.modules()}
-        original = None
-        infos: list[CheckpointInfo] = []
-        per_ckpt: list[list[tuple[dict, dict]]] = []
-        if not self.train_mode and any(m.training for m in model.modules()):
+        if not self.train_mode and any(m.training for m in self.model.modules()):
             warnings.warn(
                 "The model is in train mode; featurising in eval mode (dropout off) and restoring train mode "
                 "afterwards. Pass train_mode=True to featurise in train mode.",
                 stacklevel=2,
             )
-        from tqdm.auto import tqdm
-
-        try:
-            if not self.train_mode:
-                model.eval()
-            if ckpts is not None:
-                original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            ck_iter = [None] if ckpts is None else ckpts
-            bar = tqdm(ck_iter, desc="checkpoints", unit="ckpt", disable=not show or len(ck_iter) < 2, leave=False)
-            with FactorCapture(model, self.selection, batch_size=self.batch_size) as cap:
-                for ck in bar:
-                    if ck is None:
-                        infos.append(CheckpointInfo(self._current_weights_id(), 1.0, None))
-                    else:
-                        infos.append(load_checkpoint(model, ck))
-                    rows = []
-                    for bi, batch in enumerate(tqdm(batches, desc="batches", unit="batch", disable=not show,
-                                                    leave=False)):
-                        rows.append(self._featurize_batch(cap, batch, bi, infos[-1].id))
-                    if not rows:
-                        raise SDIError("featurize got no batches; pass a non-empty iterable of batches.")
-                    per_ckpt.append(rows)
-        finally:
-            self._workspace.release()
-            if original is not None:
-                model.load_state_dict(original)
-            for m, flag in modes.items():
-                m.training = flag
-        return self._assemble(per_ckpt, infos, steps, example_ids)
+        show = self.progress if progress is None else progress
+        return driver.featurize(_CaptureSession(self, restore=ckpts is not None), batches, ckpts, steps=steps,
+                                example_ids=example_ids, summed=summed, progress=show, desc="sdi_torch batches",
+                                default_ids=False)
 
     def _current_weights_id(self) -> str:
-        """The hash of the current weights, recomputed only when a tensor was replaced or updated in place."""
+        """The id of the current weights, recomputed only when a tensor was replaced or updated in place."""
         state = self.model.state_dict(keep_vars=True)
         key = tuple((k, v.data_ptr(), v._version, tuple(v.shape), v.dtype) for k, v in state.items())
         if self._weights_id is None or self._weights_id[0] != key:
-            self._weights_id = (key, weights_hash(state))
+            self._weights_id = (key, checkpoint_id(state))
         return self._weights_id[1]
 
-    def _featurize_batch(self, cap: FactorCapture, batch, index: int, ckpt_id: str):
+
+class ModelSession:
+    """A model's weights and train/eval modes held for one featurize call (the driver's session, see
+    :mod:`sdi_core.driver`): modes switched to eval unless ``train_mode``, weights saved when checkpoints
+    will overwrite them, and both restored on exit, even on error.  Subclasses define :meth:`run`.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, *, restore: bool, train_mode: bool = False,
+                 current_id: Callable[[], str] | None = None) -> None:
+        self.model = model
+        self.restore = restore
+        self.train_mode = train_mode
+        self.current_id = current_id or (lambda: checkpoint_id(model.state_dict()))
+        self._modes: dict = {}
+        self._original = None
+
+    def __enter__(self):
+        self._modes = {m: m.training for m in self.model.modules()}
+        if not self.train_mode:
+            self.model.eval()
+        if self.restore:
+            self._original = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._original is not None:
+            self.model.load_state_dict(self._original)
+            self._original = None
+        for m, flag in self._modes.items():
+            m.training = flag
+
+    def load(self, checkpoint: Checkpoint | None) -> CheckpointInfo:
+        if checkpoint is None:
+            return CheckpointInfo(self.current_id(), 1.0, None)
+        return load_checkpoint(self.model, checkpoint)
+
+    def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        return {"backend": self.backend}
+
+
+class _CaptureSession(ModelSession):
+    """The Attributor's session: the factor capture installed, uses streamed into the engine."""
+
+    def __init__(self, attr: Attributor, *, restore: bool) -> None:
+        super().__init__(attr.model, restore=restore, train_mode=attr.train_mode, current_id=attr._current_weights_id)
+        self.attr = attr
+        self._capture: FactorCapture | None = None
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            self._capture = FactorCapture(self.model, self.attr.selection, batch_size=self.attr.batch_size).__enter__()
+        except BaseException:
+            super().__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.attr.engine.release()
+            if self._capture is not None:
+                self._capture.__exit__(*exc)
+        finally:
+            self._capture = None
+            super().__exit__(*exc)
+
+    def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        engine = self.attr.engine
         box: dict = {}
 
         def on_loss(loss, steps):
             if not bool(torch.isfinite(loss).all()):
                 bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
                 raise SDIError(
-                    f"Batch {index} (checkpoint {ckpt_id!r}): the loss is NaN or inf for examples {bad[:10]} "
-                    "(positions in the batch). Check those inputs and the checkpoint's weights."
+                    f"the loss is NaN or inf for examples {bad[:10]} (positions in the batch). Check those inputs "
+                    "and the checkpoint's weights."
                 )
-            B = int(loss.shape[0])
-            if self.fast:
-                box["sketcher"] = TorchSketcher(self.plan, B, steps, self._workspace)
-            else:
-                box["sketcher"] = StreamingSketcher(self.plan, B)
+            box["state"] = engine.init(int(loss.shape[0]), steps, summed=summed)
 
         def on_use(use):
-            box["sketcher"].add(use)
+            box["state"] = engine.update(box["state"], use)
 
-        try:
-            res = cap.run(self.loss_fn, batch, on_use, on_loss)
-            feats = box["sketcher"].finalize(res["steps"])
-        except SDIError as exc:
-            msg = str(exc)
-            if msg.startswith("Non-finite"):
-                raise SDIError(f"Batch {index} (checkpoint {ckpt_id!r}): {msg}") from None
-            raise
-        return feats, res["steps"]
+        res = self._capture.run(self.attr.loss_fn, batch, on_use, on_loss)
+        return driver.BatchFeatures(engine.finalize(box["state"]), res["steps"], self.attr.plan.layout)
 
-    def _assemble(self, per_ckpt, infos, steps_opt, example_ids) -> Features:
-        groups = [g.name for g in self.plan.layout.groups]
-        steps = {g: 1 for g in groups}
-        for rows in per_ckpt:
-            for _, st in rows:
-                for g in groups:
-                    steps[g] = max(steps[g], st[g])
-        if steps_opt is not None and LOOP in steps:
-            if steps[LOOP] > int(steps_opt):
-                raise SDIError(f"featurize(steps={steps_opt}): a batch ran {steps[LOOP]} loop steps; pass at least that.")
-            steps[LOOP] = int(steps_opt)
-        data = []
-        for rows in per_ckpt:
-            block = {}
-            for g in groups:
-                parts = [_pad_steps(f[g], steps[g]) for f, _ in rows]
-                block[g] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-            data.append(block)
-        ids = None if example_ids is None else np.asarray(example_ids)
-        return Features(data=data, layout=self.plan.layout, checkpoints=tuple(infos), steps=steps, example_ids=ids,
-                        meta={"backend": "torch"})
-
-
-def _pad_steps(x: torch.Tensor, s: int) -> torch.Tensor:
-    if x.shape[1] == s:
-        return x
-    pad = x.new_zeros((x.shape[0], s - x.shape[1], x.shape[2]))
-    return torch.cat([x, pad], 1)
+    def meta(self) -> dict:
+        return {"backend": self.backend, "routes": self.attr.engine.routes()}
 
 
 def _checkpoint_list(checkpoints) -> list[Checkpoint] | None:
@@ -286,21 +299,6 @@ def _checkpoint_list(checkpoints) -> list[Checkpoint] | None:
                 f"checkpoints must be sdi_core.Checkpoint(source, eta=...) objects, got {type(c).__name__}."
             )
     return out
-
-
-def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
-    """A short, deterministic hash of a state dict's names and values."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k]
-        h.update(k.encode())
-        if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        else:
-            h.update(repr(v).encode())
-    return "weights:" + h.hexdigest()[:16]
 
 
 def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> CheckpointInfo:
@@ -350,13 +348,13 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> CheckpointInfo:
         got = state[k]
         if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(v.shape):
             raise SDIError(f"Checkpoint tensor {k!r} has shape {tuple(got.shape)}, the model expects {tuple(v.shape)}.")
-    path = None  # a file is identified by the weights it holds now (an overwritten file gets a new id), not its path
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     eta = ckpt.eta
     if eta is None:
         eta = float(lr) if isinstance(lr, (int, float)) and lr > 0 else 1.0
-    ck_id = ckpt.name or path or weights_hash(state)
+    # A file is identified by the weights it holds now (an overwritten file gets a new id), never by its path.
+    ck_id = ckpt.name or checkpoint_id(state)
     if ckpt.step is not None:
         step = ckpt.step
     elif isinstance(step, torch.Tensor):

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from sdi_core import Checkpoint, CheckpointInfo, Exact, Features, SDIError, SketchPlan
+from sdi_core import Checkpoint, Exact, Features, SDIError, SketchPlan, driver
 
-from .attributor import _checkpoint_list, load_checkpoint, weights_hash
+from .attributor import ModelSession, _checkpoint_list
 from .selection import LOOP, Selection, resolve_selection
 
 __all__ = ["untied_gradients", "untied_baseline"]
@@ -139,6 +139,26 @@ def untied_gradients(model: nn.Module, loop: Any, loss_fn: Callable, batch, *, g
     return grads, steps
 
 
+class _UntiedSession(ModelSession):
+    """The driver's session for the untied baseline: per-step gradients flattened in the Exact layout."""
+
+    def __init__(self, model, loop, loss_fn, sel: Selection, plan: SketchPlan, *, restore: bool, chunk_size):
+        super().__init__(model, restore=restore)
+        self.loop, self.loss_fn, self.sel, self.plan, self.chunk_size = loop, loss_fn, sel, plan, chunk_size
+
+    def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        grads, steps = untied_gradients(self.model, self.loop, self.loss_fn, batch, chunk_size=self.chunk_size,
+                                        selection=self.sel)
+        data = {}
+        for g in self.plan.layout.groups:
+            flat = torch.cat([grads[n].reshape(grads[n].shape[0], grads[n].shape[1], -1) for n in g.params], 2)
+            data[g.name] = (flat.sum(1, keepdim=True) if summed else flat).detach()
+        return driver.BatchFeatures(data, steps, self.plan.layout)
+
+    def meta(self) -> dict:
+        return {"backend": self.backend, "baseline": "untied"}
+
+
 def untied_baseline(
     model: nn.Module,
     loop: Any,
@@ -148,55 +168,21 @@ def untied_baseline(
     groups: Mapping[str, Any] | None = None,
     checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
     chunk_size: int | None = None,
+    summed: bool = False,
 ) -> Features:
     """Exact per-step features (``sdi_core.Exact`` layout) from untied per-example gradients.
 
     Same arguments and checkpoint handling as :meth:`sdi_torch.Attributor.featurize`
-    (weights restored afterwards, eval mode during the computation).
+    (weights restored afterwards, eval mode during the computation, the same
+    checkpoint ids).
 
     Returns:
         :class:`sdi_core.Features` whose per-checkpoint arrays are
-        ``{group: [N, S_g, numel_g]}``, the flattened per-step gradients.
+        ``{group: [N, S_g, numel_g]}``, the flattened per-step gradients
+        (summed over steps with ``summed=True``).
     """
     sel = resolve_selection(model, loop, groups)
     plan = SketchPlan(Exact(), sel.infos)
     ckpts = _checkpoint_list(checkpoints)
-    batches = list(batches)
-    modes = {m: m.training for m in model.modules()}
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()} if ckpts else None
-    data, infos = [], []
-    try:
-        model.eval()
-        for ck in [None] if ckpts is None else ckpts:
-            infos.append(CheckpointInfo(weights_hash(model.state_dict()), 1.0, None) if ck is None
-                         else load_checkpoint(model, ck))
-            rows, steps_all = [], []
-            for batch in batches:
-                grads, steps = untied_gradients(model, loop, loss_fn, batch, chunk_size=chunk_size, selection=sel)
-                block = {}
-                for g in plan.layout.groups:
-                    flat = [grads[n].reshape(grads[n].shape[0], grads[n].shape[1], -1) for n in g.params]
-                    block[g.name] = torch.cat(flat, 2).detach()
-                rows.append(block)
-                steps_all.append(steps)
-            data.append(rows)
-    finally:
-        if original is not None:
-            model.load_state_dict(original)
-        for m, flag in modes.items():
-            m.training = flag
-    steps = {g: max(s[g] for s in steps_all) for g in steps_all[0]}
-    out = []
-    for rows in data:
-        block = {}
-        for g in plan.layout.groups:
-            parts = []
-            for r in rows:
-                x = r[g.name]
-                if x.shape[1] < steps[g.name]:
-                    x = torch.cat([x, x.new_zeros((x.shape[0], steps[g.name] - x.shape[1], x.shape[2]))], 1)
-                parts.append(x)
-            block[g.name] = torch.cat(parts, 0)
-        out.append(block)
-    return Features(data=out, layout=plan.layout, checkpoints=tuple(infos), steps=steps,
-                    meta={"backend": "torch", "baseline": "untied"})
+    session = _UntiedSession(model, loop, loss_fn, sel, plan, restore=ckpts is not None, chunk_size=chunk_size)
+    return driver.featurize(session, batches, ckpts, summed=summed, progress=False, default_ids=False)

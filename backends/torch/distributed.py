@@ -21,6 +21,7 @@ Without an initialised process group every function runs as a single process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,7 +33,7 @@ from sdi_core import Features, SDIError
 from sdi_core import scoring as _scoring
 from sdi_core import store as _store
 
-__all__ = ["init_from_env", "rank_and_world", "featurize_to_store", "score_store", "attributor_featurizer"]
+__all__ = ["init_from_env", "process_group", "rank_and_world", "featurize_to_store", "score_store", "attributor_featurizer"]
 
 
 def init_from_env(backend: str | None = None) -> bool:
@@ -59,6 +60,18 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group(backend: str | None = None):
+    """``with process_group(): ...``: :func:`init_from_env` on entry; on exit, a barrier and the group's
+    destruction when this call created it (a rank that exits with its group alive can abort in teardown)."""
+    created = dist.is_available() and not dist.is_initialized() and init_from_env(backend)
+    try:
+        yield rank_and_world()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank_and_world(group=None) -> tuple[int, int]:
