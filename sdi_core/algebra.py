@@ -39,6 +39,7 @@ import numpy as np
 from ._array import array_namespace, device_or_none, float_dtype_for
 from .factors import SDIError
 from .features import Features, check_compatible
+from .topk import _row_describer, make_merger, refuse_non_finite
 
 NORMALIZE = (None, "cosine")
 MODES = ("query", "tracin", "train", "matrix")
@@ -335,7 +336,6 @@ class InfluenceResult:
             largest: rank by largest (proponents) or smallest (opponents) value.
         """
         # The merger and the refusal live with the streamed scorer, which builds on this module.
-        from .scoring import _row_describer, make_merger, refuse_non_finite
 
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise SDIError(f"top_k(k={k!r}): k must be a positive int.")

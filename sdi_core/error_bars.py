@@ -34,6 +34,7 @@ from .algebra import InfluenceResult, TopK, influence
 from .factors import SDIError
 from .features import Features
 from .specs import TensorSketch
+from .topk import make_merger
 
 __all__ = [
     "Estimate",
@@ -118,7 +119,7 @@ class TopKStability:
 
 def _stability(per_seed: Sequence[np.ndarray], winners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Frequency of each winner in the seeds' top-k index sets, and their mean pairwise overlap."""
-    r, k = len(per_seed), winners.shape[1]
+    r = len(per_seed)
     freq = np.mean([(winners[:, :, None] == s[:, None, :]).any(-1) for s in per_seed], axis=0)
     pairs = [(a, b) for a in range(r) for b in range(a + 1, r)]
     overlap = np.mean([(per_seed[a][:, :, None] == per_seed[b][:, None, :]).any(-1).sum(-1) / max(per_seed[a].shape[1], 1)
@@ -178,8 +179,6 @@ class SeededInfluence:
 
     def top_k(self, k: int, step: int | None = None, *, largest: bool = True) -> TopKStability:
         """Top-``k`` of the mean score (TracIn, or query slot ``step``), streamed over train blocks, with stability."""
-        from .scoring import make_merger
-
         first = self.results[0]
         per_seed = [r.top_k(k, step, largest=largest) for r in self.results]  # validates k and step
         k = per_seed[0].indices.shape[1]

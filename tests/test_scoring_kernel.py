@@ -10,6 +10,7 @@ import pytest
 import sdi_core
 from sdi_core import CheckpointInfo, Exact, Features, SDIError, SketchPlan, TensorSketch
 from sdi_core import scoring as scoring_mod
+from sdi_core import topk as topk_mod
 from sdi_core._array import to_numpy
 from sdi_core.features import check_compatible
 from sdi_core.reference import exact_sdi, per_step_gradients
@@ -259,7 +260,7 @@ def test_array_merger_is_exact_on_every_namespace(xp, kind, largest):
     scores = rng.integers(-2, 3, size=(n, rows)).astype(np.float64) if kind == "ties" else rng.standard_normal((n, rows))
     if kind in ("ascending", "descending"):
         scores = np.ascontiguousarray(np.sort(scores, axis=0)[:: 1 if kind == "ascending" else -1])
-    m = scoring_mod._ArrayTopK(xp, rows, k, largest, xp.float64, None)
+    m = topk_mod._ArrayTopK(xp, rows, k, largest, xp.float64, None)
     for a in range(0, n, 13):
         m.update(xp.asarray(scores[a:a + 13]), a)
     idx, val = m.result()
@@ -270,10 +271,10 @@ def test_array_merger_is_exact_on_every_namespace(xp, kind, largest):
 
 def test_torch_topk_narrowing_is_taken_and_exact(monkeypatch):
     tx = pytest.importorskip("array_api_compat.torch")
-    calls = count_calls(monkeypatch, scoring_mod._ArrayTopK, "_narrow")
+    calls = count_calls(monkeypatch, topk_mod._ArrayTopK, "_narrow")
     rng = np.random.default_rng(3)
     for scores in (rng.standard_normal((400, 7)), rng.integers(-1, 2, size=(400, 7)).astype(np.float64)):
-        m = scoring_mod._ArrayTopK(tx, 7, 4, True, tx.float64, None)
+        m = topk_mod._ArrayTopK(tx, 7, 4, True, tx.float64, None)
         for a in range(0, 400, 50):
             m.update(tx.asarray(scores[a:a + 50]), a)
         idx, val = m.result()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import sdi_core
 from sdi_core import SDIError
-from sdi_core import scoring as scoring_mod
+from sdi_core import topk as topk_mod
 from sdi_core.scoring import StreamedScores, parse_bytes, score_store, self_influence_store
 from sdi_core.store import featurize_to_store, write_features
 from test_store_helpers import BatchFeaturizer, make_features, make_plan
@@ -89,15 +89,15 @@ def test_filtered_merge_path_on_a_long_store(tmp_path, monkeypatch):
 
     (Its exact fallback for too many candidates is forced in ``test_running_merge_is_exact``.)
     """
-    monkeypatch.setattr(scoring_mod, "_PRIME_COLUMNS", 2)
+    monkeypatch.setattr(topk_mod, "_PRIME_COLUMNS", 2)
     calls = {"filtered": 0}
-    real = scoring_mod._TopKMerger._filtered
+    real = topk_mod._TopKMerger._filtered
 
     def counting(self, scores, offset):
         calls["filtered"] += 1
         return real(self, scores, offset)
 
-    monkeypatch.setattr(scoring_mod._TopKMerger, "_filtered", counting)
+    monkeypatch.setattr(topk_mod._TopKMerger, "_filtered", counting)
     train = make_features(400, seed=8)
     query = _query(n=3, tau=2)
     st_ = write_features(tmp_path / "long", train, dtype="float64")
@@ -249,17 +249,17 @@ def test_running_merge_is_exact(n, rows, k_frac, kind, largest, prime, merge_byt
         scores = rng.standard_normal((n, rows))
         if kind != "normal":
             scores = np.sort(scores, axis=0)[:: 1 if kind == "ascending" else -1]
-    old = scoring_mod._PRIME_COLUMNS
-    scoring_mod._PRIME_COLUMNS = prime
+    old = topk_mod._PRIME_COLUMNS
+    topk_mod._PRIME_COLUMNS = prime
     try:
-        m = scoring_mod._TopKMerger(rows, k, largest, np.float64, merge_bytes)
+        m = topk_mod._TopKMerger(rows, k, largest, np.float64, merge_bytes)
         pos = 0
         while pos < n:
             b = int(rng.integers(1, 25))
             m.update(np.ascontiguousarray(scores[pos : pos + b]), pos)
             pos += b
     finally:
-        scoring_mod._PRIME_COLUMNS = old
+        topk_mod._PRIME_COLUMNS = old
     idx, val = m.result()
     want_idx, want_val = _reference_topk(scores, k, largest)
     np.testing.assert_array_equal(idx, want_idx, err_msg=f"{kind}, largest={largest}, k={k}")
