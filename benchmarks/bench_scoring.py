@@ -20,9 +20,9 @@ over ``--budgets`` at the full ``n_train``.  At every point:
   peak resident memory one ``score_store`` call adds (Linux ``VmHWM``;
   memory-mapped store pages count while resident) after a warm-up call.
 
-Every measurement records the 1-minute load average before and after it and
-is marked ``valid: false`` above 0.5 (``common.load_record``): timings under
-load are not results.  The store is read through the page cache (right after
+Every measurement records the CPU other processes used just before and
+during it and is marked ``valid: false`` above 0.5 core
+(``common.load_record``): timings under load are not results.  The store is read through the page cache (right after
 it is written its pages are usually resident; dropping caches needs root), so
 the figures measure the scorer, not the disk.  Results: ``scoring.json`` and
 the figure ``scoring.png`` beside it (throughput and peak memory against
@@ -168,7 +168,7 @@ def worker(args) -> dict:
     def streamed():
         return score_store(train_rows, query, k=args.k, budget=budget)
 
-    load_before = common._loadavg()
+    load_before = common.load_snapshot(probe_s=1.0)
     if args.worker == "memory":
         streamed()  # warm-up: one-time allocations are not the scorer's working set
         res, peak = common.peak_memory(streamed)
@@ -193,7 +193,7 @@ def worker(args) -> dict:
                "streamed_gflops_best": 2.0 * n * args.dim * q_mat.shape[0] / s["best_s"] / 1e9}
     return {"n_train": n, "budget_bytes": budget, "block_rows": res.block_rows, "pid": os.getpid(),
             "verify": not args.no_verify, **out,
-            **common.load_record(load_before, common._loadavg()), "machine": common.finish_info(info)}
+            **common.load_record(load_before, common.load_snapshot()), "machine": common.finish_info(info)}
 
 
 def run_worker(args, what: str, split: int, budget: str, store_dir: str) -> dict:
@@ -238,8 +238,8 @@ def main(argv=None) -> int:
             t, m = point["time"], point["memory"]
             print(f"{sweep:<8} N={t['n_train']:<8d} budget={budget:<7} block={t['block_rows']:<6d} throughput "
                   f"{t['throughput_vs_bare_matmul']['paired_median']:.3f}  peak {common.fmt(common.mib(m['peak_rss_added_bytes']), '.0f')} "
-                  f"MiB  load {t['load_before'][0] if t['load_before'] else '?'}->{m['load_after'][0] if m['load_after'] else '?'}"
-                  f"{'' if point['valid'] else '  INVALID (load above 0.5)'}", flush=True)
+                  f"MiB  other load {common.fmt_cores(t['other_cores_during'])}/{common.fmt_cores(m['other_cores_during'])} cores"
+                  f"{'' if point['valid'] else '  INVALID (other processes above 0.5 core)'}", flush=True)
         head = next(p for p in points if p["sweep"] == "n_train" and p["split"] == 1)
         record = {
             "benchmark": "bench_scoring",
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                          "topk": "per query and step, and per query in total (TracIn)"},
             "baseline": "np.matmul(train[N, dim] in memory, query[dim, n_query*steps]) into a preallocated output",
             "valid": all(p["valid"] for p in points),
-            "validity_rule": f"every measurement's 1-minute load average <= {common.QUIET_LOAD} before and after",
+            "validity_rule": f"other processes used <= {common.QUIET_LOAD} cores just before and during every measurement",
             "throughput_vs_bare_matmul": head["time"]["throughput_vs_bare_matmul"],
             "peak_rss_added_bytes": head["memory"]["peak_rss_added_bytes"],
             "block_rows": head["time"]["block_rows"],

@@ -18,7 +18,7 @@ the default; see ``benchmarks/common.py``): the time run interleaves the
 candidates for ``--repeats`` rounds and reports paired-median ratios to
 ``fwd_bwd``; the memory run reports the peak resident memory each call adds
 (median of three).  The time run also stores a cProfile of one per-step
-featurisation at the largest m.  Each result records the load average before
+featurisation at the largest m.  Each result records the load before
 and after; above ``--load-limit`` (0.5) it is marked invalid.
 
     python benchmarks/bench_torch_featurize.py --repeats 5   # issue configuration (a few minutes)

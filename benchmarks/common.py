@@ -26,10 +26,13 @@ measured in the same process, in the same rounds:
   (:func:`measure_separately`, ``--measure both``): the memory instrumentation
   (small mmap threshold, trimming, ``clear_refs``) slows allocation and would
   compress the time ratios.
-- Every result records the load average before and after
-  (:func:`finish_info`); :func:`load_validity` marks a run invalid when either
-  exceeds :data:`QUIET_LOAD` (0.5 on the 2-core machines): such numbers are
-  not quoted.
+- Every result records the load before and after (:func:`load_snapshot`,
+  :func:`finish_info`): the load averages, and the cores' worth of CPU that
+  *other* processes used just before (an idle probe) and during the
+  measurement.  :func:`load_record` marks a measurement invalid when either
+  exceeds :data:`QUIET_LOAD` (0.5 core on the 2-core machines); such numbers
+  are not quoted.  (The load average alone cannot decide: a 2-thread
+  benchmark raises it to about 2 by itself.)
 
 Scripts call :func:`setup` first, then build their candidates.  Nothing here
 imports torch or jax; framework-specific synchronisation (``block_until_ready``)
@@ -107,8 +110,11 @@ def set_torch_threads(threads: int | None) -> None:
         sys.modules["torch"].set_num_threads(int(threads))
 
 
-def machine_info() -> dict:
-    """CPU model, cores, memory, load, Python and library versions (whichever are imported)."""
+def machine_info(probe_s: float = 2.0) -> dict:
+    """CPU model, cores, memory, load, Python and library versions (whichever are imported).
+
+    ``probe_s``: seconds of idle probe of other processes' CPU use (:func:`load_snapshot`), 0 for none.
+    """
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -141,6 +147,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "versions": versions,
         "load_average": _loadavg(),
+        "load_start": load_snapshot(probe_s),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "pid": os.getpid(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -157,25 +164,93 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-QUIET_LOAD = 0.5  # a 1-minute load average above this at either end of a measurement invalidates it
+QUIET_LOAD = 0.5  # cores' worth of *other* processes' CPU use above which a measurement does not count
+
+# Why not the load average alone: a 2-thread benchmark raises the 1-minute load
+# average to about 2 by itself, and the memory run that follows a time run
+# starts with the time run's load still in the average.  What invalidates a
+# measurement is CPU taken by *other* processes, so that is what is measured:
+# machine busy time (/proc/stat) minus this process's own CPU time (itself and
+# its waited-for children), over the measurement's wall time.
 
 
-def load_record(before: list[float] | None, after: list[float] | None, limit: float = QUIET_LOAD) -> dict:
-    """The load averages around one measurement and whether it counts: ``valid`` iff both 1-minute loads <= ``limit``.
+def _machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (user+nice+system+irq+softirq+steal)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    ``before``/``after`` are :func:`os.getloadavg` triples (None where the
-    system reports none: then ``valid`` is None, unknown).
+
+def _own_cpu_s() -> float:
+    import resource
+
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        own += ru.ru_utime + ru.ru_stime
+    return own
+
+
+def load_snapshot(probe_s: float = 0.0) -> dict:
+    """Counters at one end of a measurement; with ``probe_s`` > 0, first sleep that long and record what others used.
+
+    Returns:
+        ``{"loadavg": [1, 5, 15 min], "wall": s, "busy_s": s, "own_s": s, "other_cores_idle_probe": cores or None}``;
+        ``busy_s`` is None where ``/proc/stat`` cannot be read.
     """
-    loads = [x[0] for x in (before, after) if x is not None]
-    valid = None if len(loads) < 2 else bool(max(loads) <= limit)
-    return {"load_before": before, "load_after": after, "load_limit": limit, "valid": valid}
+    probe = None
+    if probe_s > 0:
+        a = (time.monotonic(), _machine_busy_s(), _own_cpu_s())
+        time.sleep(probe_s)
+        b = (time.monotonic(), _machine_busy_s(), _own_cpu_s())
+        if a[1] is not None and b[1] is not None:
+            probe = round(max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]), 3)
+    return {"loadavg": _loadavg(), "wall": time.monotonic(), "busy_s": _machine_busy_s(), "own_s": _own_cpu_s(),
+            "other_cores_idle_probe": probe}
+
+
+def load_record(start: Mapping[str, Any] | None, end: Mapping[str, Any] | None, limit: float = QUIET_LOAD) -> dict:
+    """Whether the measurement between two :func:`load_snapshot` calls counts.
+
+    ``valid`` iff other processes used at most ``limit`` cores on average
+    during it and, where ``start`` carries an idle probe, at most ``limit``
+    cores just before it.  None (unknown) where the counters cannot be read.
+
+    Returns:
+        ``{"load_before", "load_after"`` (1/5/15-minute load averages, for the
+        record), ``"other_cores_before"``, ``"other_cores_during"``,
+        ``"load_limit", "valid", "reason"}``.
+    """
+    before = start.get("loadavg") if start else None
+    after = end.get("loadavg") if end else None
+    rec = {"load_before": before, "load_after": after, "other_cores_before": None, "other_cores_during": None,
+           "load_limit": limit, "valid": None, "reason": "the CPU counters could not be read"}
+    if not start or not end or start.get("busy_s") is None or end.get("busy_s") is None:
+        return rec
+    wall = max(end["wall"] - start["wall"], 1e-9)
+    during = max(0.0, (end["busy_s"] - start["busy_s"]) - (end["own_s"] - start["own_s"])) / wall
+    rec["other_cores_during"] = round(during, 3)
+    rec["other_cores_before"] = start.get("other_cores_idle_probe")
+    worst = max(during, rec["other_cores_before"] or 0.0)
+    rec["valid"] = bool(worst <= limit)
+    rec["reason"] = None if rec["valid"] else (
+        f"other processes used {worst:.2f} cores (limit {limit}) "
+        f"{'during' if during >= (rec['other_cores_before'] or 0.0) else 'just before'} the measurement")
+    return rec
 
 
 def finish_info(info: dict) -> dict:
-    """``info`` with the versions of libraries imported since :func:`setup` and the load at the end."""
+    """``info`` with the versions of libraries imported since :func:`setup` and the load counters at the end."""
     out = dict(info)
-    out["versions"] = machine_info()["versions"]
+    out["versions"] = machine_info(probe_s=0.0)["versions"]
     out["load_average_end"] = _loadavg()
+    out["load_end"] = load_snapshot()
     if "torch" in sys.modules:
         out["torch_threads"] = sys.modules["torch"].get_num_threads()
     return out
@@ -184,19 +259,15 @@ def finish_info(info: dict) -> dict:
 # ------------------------------------------------------------------ load and runs
 
 def load_validity(info: Mapping[str, Any], limit: float = QUIET_LOAD) -> dict:
-    """:func:`load_record` of a run from its :func:`finish_info`, with the reason when it does not count.
+    """:func:`load_record` of a run from its :func:`machine_info` / :func:`finish_info` snapshots.
 
     Returns:
-        ``{"load_before", "load_after", "load_limit", "valid", "reason"}``
-        (``valid`` False also when the load could not be read).
+        the :func:`load_record` dict (``valid`` False also when the counters could not be read).
     """
-    rec = load_record(info.get("load_average"), info.get("load_average_end"), limit)
+    rec = load_record(info.get("load_start"), info.get("load_end"), limit)
     if rec["valid"] is None:
-        return {**rec, "valid": False, "reason": "the load average could not be read"}
-    if not rec["valid"]:
-        worst = max(rec["load_before"][0], rec["load_after"][0])
-        return {**rec, "reason": f"1-minute load average {worst:.2f} > {limit}: other processes shared the CPUs"}
-    return {**rec, "reason": None}
+        rec["valid"] = False
+    return rec
 
 
 def add_measure_args(ap) -> None:
@@ -260,9 +331,16 @@ def run_measurements(script: str, argv: Sequence[str] | None, args, measure: Cal
 
 
 def report_validity(validity: Mapping[str, Any]) -> None:
-    """Print a loud line when a run is invalid."""
+    """Print the other processes' load of a run, and a loud line when it is invalid."""
+    print(f"load: other processes {fmt_cores(validity.get('other_cores_before'))} cores before, "
+          f"{fmt_cores(validity.get('other_cores_during'))} during (limit {validity.get('load_limit')})", flush=True)
     if not validity.get("valid"):
         print(f"INVALID RESULT (not to be quoted): {validity.get('reason')}", flush=True)
+
+
+def fmt_cores(x: float | None) -> str:
+    """Cores' worth of CPU for a one-line report ('?' when unknown)."""
+    return "?" if x is None else f"{x:.2f}"
 
 
 # ---------------------------------------------------------------------------- timing

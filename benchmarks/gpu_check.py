@@ -282,7 +282,7 @@ def section_scoring(args, have) -> dict:
         query = Features([{"loop": tx.asarray(query_np.data[0]["loop"], device=dev)}], query_np.layout,
                          query_np.checkpoints, query_np.steps)
         budget = parse_bytes(args.budget)
-        load_before = common._loadavg()
+        load_before = common.load_snapshot(probe_s=1.0)
         train = torch.cat([torch.from_numpy(np.array(b[0]["loop"]).reshape(-1, args.dim)).to(dev)
                            for _, _, b in store.iter_blocks(args.shard_rows)])
         q_mat = query.data[0]["loop"].reshape(-1, args.dim)
@@ -326,7 +326,7 @@ def section_scoring(args, have) -> dict:
             "topk_matches_baseline_product": bool(verified),
             "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
             "store_write_s": write_s,
-            **common.load_record(load_before, common._loadavg()),
+            **common.load_record(load_before, common.load_snapshot()),
         }
 
 

@@ -36,7 +36,7 @@ def train_one(task: str, seed: int, quick: bool) -> dict:
     from sdi_core.cli_demo import resolve_settings, train_task_model
 
     settings = resolve_settings(task, "small" if quick else "default", seed=seed, quiet=True)
-    before = common._loadavg()
+    before = common.load_snapshot(probe_s=1.0)
     t0, c0 = time.perf_counter(), time.process_time()
     trained = train_task_model(settings)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -44,7 +44,7 @@ def train_one(task: str, seed: int, quick: bool) -> dict:
         "task": task, "seed": seed, "test_accuracy": trained.result.final_accuracy,
         "evals": [list(e) for e in trained.result.evals], "train_steps": settings.train_steps,
         "d_model": settings.d_model, "tau": settings.tau, "train_size": settings.train_size,
-        "seconds_wall": wall, "seconds_cpu": cpu, **common.load_record(before, common._loadavg()),
+        "seconds_wall": wall, "seconds_cpu": cpu, **common.load_record(before, common.load_snapshot()),
     }
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             runs.append(r)
             print(f"{r['task']:9s} seed {r['seed']}: test accuracy {r['test_accuracy']:.3f} in "
                   f"{r['seconds_wall']:.0f} s wall ({r['seconds_cpu']:.0f} s CPU)"
-                  + ("" if r["valid"] else f"  [load {r['load_before'][0]}/{r['load_after'][0]}: time not valid]"),
+                  + ("" if r["valid"] else f"  [{r['reason']}: time not valid]"),
                   flush=True)
     runs.sort(key=lambda r: (TASKS.index(r["task"]), r["seed"]))
     summary = {}
