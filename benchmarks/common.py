@@ -29,10 +29,12 @@ measured in the same process, in the same rounds:
 - Every result records the load before and after (:func:`load_snapshot`,
   :func:`finish_info`): the load averages, and the cores' worth of CPU that
   *other* processes used just before (an idle probe) and during the
-  measurement.  :func:`load_record` marks a measurement invalid when either
-  exceeds :data:`QUIET_LOAD` (0.5 core on the 2-core machines); such numbers
-  are not quoted.  (The load average alone cannot decide: a 2-thread
-  benchmark raises it to about 2 by itself.)
+  measurement.  A measurement waits for the 1-minute load average to fall to
+  :data:`QUIET_LOAD` (0.5 on the 2-core machines) before it starts;
+  :func:`load_record` marks it invalid when the load average at its start,
+  or the other processes' CPU just before or during it, exceeds that; such
+  numbers are not quoted.  (The load average at the end cannot decide: a
+  2-thread benchmark raises it to about 2 by itself.)
 
 Scripts call :func:`setup` first, then build their candidates.  Nothing here
 imports torch or jax; framework-specific synchronisation (``block_until_ready``)
@@ -164,14 +166,13 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-QUIET_LOAD = 0.5  # cores' worth of *other* processes' CPU use above which a measurement does not count
+QUIET_LOAD = 0.5  # 1-minute load average at the start, and cores of *other* processes' CPU, above which a measurement does not count
 
 # Why not the load average alone: a 2-thread benchmark raises the 1-minute load
-# average to about 2 by itself, and the memory run that follows a time run
-# starts with the time run's load still in the average.  What invalidates a
-# measurement is CPU taken by *other* processes, so that is what is measured:
-# machine busy time (/proc/stat) minus this process's own CPU time (itself and
-# its waited-for children), over the measurement's wall time.
+# average to about 2 by itself, so the load at the end says nothing about other
+# processes.  What invalidates a measurement is CPU taken by *other* processes,
+# so that is measured too: machine busy time (/proc/stat) minus this process's
+# own CPU time (itself and its waited-for children), over the wall time.
 
 
 def _machine_busy_s() -> float | None:
@@ -197,8 +198,31 @@ def _own_cpu_s() -> float:
     return own
 
 
-def load_snapshot(probe_s: float = 0.0) -> dict:
-    """Counters at one end of a measurement; with ``probe_s`` > 0, first sleep that long and record what others used.
+def _counters() -> dict:
+    return {"wall": time.monotonic(), "busy_s": _machine_busy_s(), "own_s": _own_cpu_s()}
+
+
+def _other_cores(a: Mapping[str, Any], b: Mapping[str, Any]) -> float | None:
+    """Cores' worth of CPU that processes other than this one (and its waited children) used between two counters."""
+    if a.get("busy_s") is None or b.get("busy_s") is None:
+        return None
+    wall = max(b["wall"] - a["wall"], 1e-9)
+    return max(0.0, (b["busy_s"] - a["busy_s"]) - (b["own_s"] - a["own_s"])) / wall
+
+
+# Longest wait (s) for the 1-minute load average to fall to QUIET_LOAD before a measurement;
+# the test suite sets SDI_BENCH_QUIET_WAIT_S=0 (its smoke runs are never quiet and need not be).
+QUIET_WAIT_S = float(os.environ.get("SDI_BENCH_QUIET_WAIT_S", "600"))
+
+
+def load_snapshot(probe_s: float = 0.0, limit: float = QUIET_LOAD, wait_s: float | None = None) -> dict:
+    """Counters at one end of a measurement.
+
+    With ``probe_s`` > 0 (the start of a measurement) it first waits, up to
+    ``wait_s`` seconds (default :data:`QUIET_WAIT_S`), for the 1-minute load average to fall to ``limit``
+    (the previous measurement of the same script, or a test run that just
+    ended, is still in the average), then sleeps ``probe_s`` seconds and
+    records what other processes used meanwhile.
 
     Returns:
         ``{"loadavg": [1, 5, 15 min], "wall": s, "busy_s": s, "own_s": s, "other_cores_idle_probe": cores or None}``;
@@ -206,42 +230,51 @@ def load_snapshot(probe_s: float = 0.0) -> dict:
     """
     probe = None
     if probe_s > 0:
-        a = (time.monotonic(), _machine_busy_s(), _own_cpu_s())
+        deadline = time.monotonic() + (QUIET_WAIT_S if wait_s is None else wait_s)
+        load = _loadavg()
+        if load is not None and load[0] > limit:
+            print(f"waiting for the 1-minute load average ({load[0]:.2f}) to fall to {limit} ...", flush=True)
+        while load is not None and load[0] > limit and time.monotonic() < deadline:
+            time.sleep(5.0)
+            load = _loadavg()
+        a = _counters()
         time.sleep(probe_s)
-        b = (time.monotonic(), _machine_busy_s(), _own_cpu_s())
-        if a[1] is not None and b[1] is not None:
-            probe = round(max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]), 3)
-    return {"loadavg": _loadavg(), "wall": time.monotonic(), "busy_s": _machine_busy_s(), "own_s": _own_cpu_s(),
-            "other_cores_idle_probe": probe}
+        other = _other_cores(a, _counters())
+        probe = None if other is None else round(other, 3)
+    return {"loadavg": _loadavg(), **_counters(), "other_cores_idle_probe": probe}
 
 
 def load_record(start: Mapping[str, Any] | None, end: Mapping[str, Any] | None, limit: float = QUIET_LOAD) -> dict:
     """Whether the measurement between two :func:`load_snapshot` calls counts.
 
-    ``valid`` iff other processes used at most ``limit`` cores on average
-    during it and, where ``start`` carries an idle probe, at most ``limit``
-    cores just before it.  None (unknown) where the counters cannot be read.
+    ``valid`` iff the 1-minute load average was at most ``limit`` when it
+    started, other processes used at most ``limit`` cores on average during
+    it and, where ``start`` carries an idle probe, at most ``limit`` cores
+    just before it.  The load average at the end is recorded but does not
+    decide: the measurement itself raises it.  None (unknown) where the
+    counters cannot be read.
 
     Returns:
-        ``{"load_before", "load_after"`` (1/5/15-minute load averages, for the
-        record), ``"other_cores_before"``, ``"other_cores_during"``,
+        ``{"load_before", "load_after"`` (1/5/15-minute load averages),
+        ``"other_cores_before"``, ``"other_cores_during"``,
         ``"load_limit", "valid", "reason"}``.
     """
     before = start.get("loadavg") if start else None
     after = end.get("loadavg") if end else None
     rec = {"load_before": before, "load_after": after, "other_cores_before": None, "other_cores_during": None,
            "load_limit": limit, "valid": None, "reason": "the CPU counters could not be read"}
-    if not start or not end or start.get("busy_s") is None or end.get("busy_s") is None:
+    during = _other_cores(start, end) if start and end else None
+    if during is None or before is None:
         return rec
-    wall = max(end["wall"] - start["wall"], 1e-9)
-    during = max(0.0, (end["busy_s"] - start["busy_s"]) - (end["own_s"] - start["own_s"])) / wall
     rec["other_cores_during"] = round(during, 3)
-    rec["other_cores_before"] = start.get("other_cores_idle_probe")
-    worst = max(during, rec["other_cores_before"] or 0.0)
-    rec["valid"] = bool(worst <= limit)
-    rec["reason"] = None if rec["valid"] else (
-        f"other processes used {worst:.2f} cores (limit {limit}) "
-        f"{'during' if during >= (rec['other_cores_before'] or 0.0) else 'just before'} the measurement")
+    rec["other_cores_before"] = probe = start.get("other_cores_idle_probe")
+    problems = [f"the 1-minute load average was {before[0]:.2f} at the start"] if before[0] > limit else []
+    if probe is not None and probe > limit:
+        problems.append(f"other processes used {probe:.2f} cores just before")
+    if during > limit:
+        problems.append(f"other processes used {during:.2f} cores during the measurement")
+    rec["valid"] = not problems
+    rec["reason"] = "; ".join(problems) + f" (limit {limit})" if problems else None
     return rec
 
 
