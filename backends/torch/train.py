@@ -196,7 +196,7 @@ def _as_batch(data: Any, device: torch.device | None = None) -> dict[str, torch.
         weight = data.get("example_weight")
     else:
         raise SDIError(
-            f"train data must be sdi_core.tasks.TaskData or a dict with 'tokens' and 'targets' "
+            f"train data must be sdi_core.app.tasks.TaskData or a dict with 'tokens' and 'targets' "
             f"([N, T] int arrays); got {type(data).__name__}."
         )
     out = {}
@@ -342,7 +342,7 @@ def train(
     Args:
         model: a ``torch.nn.Module`` (typically :class:`sdi_torch.models.LoopedGPT`),
             trained in its current dtype and device.
-        data: the training set: :class:`sdi_core.tasks.TaskData` or a dict of
+        data: the training set: :class:`sdi_core.app.tasks.TaskData` or a dict of
             ``tokens``/``targets`` int arrays ``[N, T]`` (optional ``n_steps [N]``, and
             ``example_weight [N]``: each example's loss is multiplied by it, so weight 0
             leaves an example out while keeping the batch order of the full run).
@@ -351,7 +351,7 @@ def train(
             None keeps no files (``result.checkpoints`` is then empty).
         eval_data: held-out data, evaluated every ``config.eval_every`` steps
             and at the end (loss and accuracy, shown on the progress bar).
-        task: the :class:`sdi_core.tasks.Task`, used for accuracy when given.
+        task: the :class:`sdi_core.app.tasks.Task`, used for accuracy when given.
         loss_fn: ``loss_fn(model, batch) -> [B]`` per-example losses; defaults to
             :func:`sdi_torch.models.per_example_loss`.  The step minimises their mean.
         progress: show a tqdm progress bar.

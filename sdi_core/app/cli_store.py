@@ -8,8 +8,8 @@
 
     sdi featurize --model model.json --checkpoint ckpt.npz --data train.npz --out train.store \\
         --sketch-dim 4096 --groups loop --summed --shard-size 16
-    torchrun --nproc-per-node 2 -m sdi_core.cli featurize ...   # ranks write alternate shards, rank 0 finalises
-    torchrun --nproc-per-node 2 -m sdi_core.cli score ...       # ranks score their share of the rows, merged
+    torchrun --nproc-per-node 2 -m sdi_core.app.cli featurize ...   # ranks write alternate shards, rank 0 finalises
+    torchrun --nproc-per-node 2 -m sdi_core.app.cli score ...       # ranks score their share of the rows, merged
 
 Backends: ``numpy`` (the float64 NumPy reference looped transformer of
 :mod:`sdi_core.reference.looped_transformer`) and ``torch`` (the same model
@@ -33,11 +33,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .driver import BatchFeatures, featurize as run_driver
-from .factors import SDIError
-from .features import Checkpoint, CheckpointInfo, Features
-from .specs import Exact, SketchPlan, TensorSketch
-from .weights import checkpoint_id
+from ..driver import BatchFeatures, featurize as run_driver
+from ..factors import SDIError
+from ..features import Checkpoint, CheckpointInfo, Features
+from ..specs import Exact, SketchPlan, TensorSketch
+from ..weights import checkpoint_id
 
 BACKENDS = ("numpy", "torch")
 GROUPS = ("prelude", "loop", "coda")
@@ -49,7 +49,7 @@ DEMO_SPLITS = {"train": (256, 1), "query": (16, 2)}  # examples, data seed
 
 def demo_model():
     """The built-in tiny looped transformer of ``--demo``: ``(config, weights)``."""
-    from .reference.looped_transformer import LoopedConfig, init_weights
+    from ..reference.looped_transformer import LoopedConfig, init_weights
 
     config = LoopedConfig(vocab_size=12, d_model=16, n_heads=2, tau=3, max_len=10)
     return config, init_weights(config, seed=0)
@@ -67,7 +67,7 @@ def demo_data(split: str, config) -> dict[str, np.ndarray]:
 
 
 def load_config(path: str):
-    from .reference.looped_transformer import LoopedConfig
+    from ..reference.looped_transformer import LoopedConfig
 
     try:
         with open(path) as fh:
@@ -84,7 +84,7 @@ def load_config(path: str):
 
 def _load_npz(path: str, option: str, what: str) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` archive (never unpickled), or an SDIError naming the option and the fix."""
-    from ._io import io_errors
+    from .._io import io_errors
 
     if os.path.isdir(path):
         raise SDIError(f"{option} {path!r} is a folder; give the .npz file of {what}.")
@@ -146,7 +146,7 @@ class _ReferenceSession:
     """The driver's session for the NumPy reference model: batches are row ranges of the data."""
 
     def __init__(self, config, plan: SketchPlan, data, steps, tau, names):
-        from .engine import SketchEngine
+        from ..engine import SketchEngine
 
         self.config, self.plan, self.data, self.steps, self.tau, self.names = config, plan, data, steps, tau, names
         self.engine = SketchEngine(plan)
@@ -163,7 +163,7 @@ class _ReferenceSession:
         return CheckpointInfo(ckpt.name, ckpt.eta, ckpt.step)
 
     def run(self, rows: tuple[int, int], *, summed: bool) -> BatchFeatures:
-        from .reference.looped_transformer import loss_and_factors
+        from ..reference.looped_transformer import loss_and_factors
 
         start, stop = rows
         _, uses = loss_and_factors(self.weights, self.config, _rows(self.data, start, stop), tau=self.tau,
@@ -195,7 +195,7 @@ def numpy_reference_featurizer(
     ``data`` to their float64 :class:`Features` at every checkpoint (summed
     over steps with ``summed=True``).
     """
-    from .reference.looped_transformer import group_steps, param_infos
+    from ..reference.looped_transformer import group_steps, param_infos
 
     infos = param_infos(config, groups)
     plan = SketchPlan(sketch, infos)
@@ -231,7 +231,7 @@ def torch_featurizer(
         from sdi_torch import models
     except ImportError as exc:
         raise SDIError(f"--backend torch needs PyTorch and sdi_torch ({exc}); pip install 'sdi[torch]'.") from None
-    from .reference.looped_transformer import group_steps, param_groups
+    from ..reference.looped_transformer import group_steps, param_groups
 
     if "loop" not in groups:
         raise SDIError("--backend torch attributes through the loop: include 'loop' in --groups.")
@@ -295,14 +295,14 @@ def _run_config(args, config, checkpoints, sketch, groups, data) -> dict:
 
 
 def _data_fingerprint(data: dict) -> str:
-    from .store import batch_fingerprint
+    from ..store import batch_fingerprint
 
     return batch_fingerprint([data])
 
 
 def _rows_fingerprint(data: dict) -> Callable[[list[tuple[int, int]]], str]:
     """Input fingerprint of a shard: its row ranges and the rows of every data array in them."""
-    from .store import batch_fingerprint
+    from ..store import batch_fingerprint
 
     def fingerprint(ranges: list[tuple[int, int]]) -> str:
         return batch_fingerprint([{"rows": [a, b], **{k: v[a:b] for k, v in data.items()}} for a, b in ranges])
@@ -325,7 +325,7 @@ def _check_torch_device(device: str) -> None:
 
 
 def run_featurize(args: argparse.Namespace) -> int:
-    from .store import check_destination, featurize_to_store
+    from ..store import check_destination, featurize_to_store
 
     check_destination(args.out, "--out", create=False)  # before anything is loaded or computed; creates nothing
     if args.backend == "torch":
@@ -398,23 +398,25 @@ def run_featurize(args: argparse.Namespace) -> int:
 
 
 def _under_torchrun(args: argparse.Namespace) -> bool:
-    """Launched by torchrun with several processes, ranks not given by hand, torch available."""
+    """Launched by ``torchrun`` with several processes and ranks not given by hand.
+
+    Decided from the environment alone (``torchrun`` sets
+    ``TORCHELASTIC_RUN_ID`` besides ``WORLD_SIZE``), never by importing
+    torch: a plain ``WORLD_SIZE``/``RANK`` from another launcher gives
+    file-based ranks (each writes or scores its share, no collectives).
+    """
     if args.rank is not None or args.world_size is not None or _env_int("WORLD_SIZE", 1) <= 1:
         return False
-    if getattr(args, "backend", None) == "torch":
-        return True
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("sdi_torch") is not None
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
 
 
 # --------------------------------------------------------------------------- score
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from ._io import check_writable_file, io_errors
-    from .scoring import DENSE_KINDS, parse_bytes, score_store, self_influence_store
-    from .store import FeatureStore
+    from .._io import check_writable_file, io_errors
+    from ..scoring import DENSE_KINDS, parse_bytes, score_store, self_influence_store
+    from ..store import FeatureStore
 
     budget = parse_bytes(args.budget)
     if args.out:

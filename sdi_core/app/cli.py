@@ -11,10 +11,10 @@ import argparse
 import importlib
 import sys
 
-from .factors import SDIError
+from ..factors import SDIError
 
 # Modules providing subcommands, in the order `sdi --help` lists them.
-COMMAND_MODULES: list[str] = ["sdi_core.cli_demo", "sdi_core.cli_validate", "sdi_core.cli_store"]
+COMMAND_MODULES: list[str] = ["sdi_core.app.cli_demo", "sdi_core.app.cli_validate", "sdi_core.app.cli_store"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Step-Decomposed Influence: which training examples shaped a looped model's "
         "prediction, and at which loop step.",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"sdi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

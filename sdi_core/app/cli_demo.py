@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .factors import SDIError
+from ..factors import SDIError
 
 __all__ = ["RunSettings", "RunOutcome", "TASK_PRESETS", "BUDGETS", "resolve_settings", "run_pipeline", "register"]
 
@@ -200,7 +200,7 @@ class RunOutcome:
     """What :func:`run_pipeline` produced."""
 
     settings: RunSettings
-    report: Any  # sdi_core.report.ReportFiles
+    report: Any  # sdi_core.app.report.ReportFiles
     test_accuracy: float
     query_tau_accuracy: float | None
     timings: dict[str, float]
@@ -320,7 +320,7 @@ def run_pipeline(settings: RunSettings) -> RunOutcome:
         :class:`RunOutcome` (report paths, accuracies, timings, top examples, sketch-vs-exact metrics).
     """
     settings.validate()
-    from ._io import check_writable_dir, io_errors
+    from .._io import check_writable_dir, io_errors
 
     check_writable_dir(settings.out, "--out")  # before any training
     import torch
@@ -357,7 +357,7 @@ def train_task_model(settings: RunSettings, out_dir: Path | None = None) -> Trai
     from sdi_torch.models import LoopedGPT
     from sdi_torch.train import TrainConfig, train
 
-    from .reference.looped_transformer import LoopedConfig
+    from ..reference.looped_transformer import LoopedConfig
     from .tasks import get_task
 
     s = settings
@@ -389,8 +389,8 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     from sdi_torch.models import per_example_loss
     from sdi_torch.train import evaluate
 
-    from . import Exact, TensorSketch, influence
-    from .error_bars import influence_with_error_bars
+    from .. import Exact, TensorSketch, influence
+    from ..error_bars import influence_with_error_bars
     from .report import ExactComparison, Extrapolation, ReportData, TrainingCurve, compare_sketch_exact, write_report
 
     s = settings
