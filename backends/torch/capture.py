@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -277,6 +278,8 @@ class BatchCapture:
             return None
         entry = self.batchy.get(id(x))
         if entry is None or entry[0]() is not x:
+            if self.phase == "recompute" and self.input_prov:
+                return self.input_prov.get(_storage_key(x))
             return None
         return entry[1]
 
@@ -863,6 +866,31 @@ class _Recompute:
             return self.fn(self.source.detach())
 
 
+class _Recomputation:
+    """Context of a checkpoint's recomputation: the capture's mode pushed, phase ``"recompute"``."""
+
+    def __init__(self, owner: "FactorCapture", state: "BatchCapture", inner):
+        self.owner, self.state, self.inner = owner, state, inner
+
+    def __enter__(self):
+        self.inner.__enter__()
+        st = self.state
+        self.saved = (st.phase, st.passthrough)
+        if st.phase == "backward":
+            st.phase, st.passthrough = "recompute", False
+            self.owner._mode.__enter__()
+            self.pushed = True
+        else:
+            self.pushed = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.pushed:
+            self.owner._mode.__exit__(*exc)
+        self.state.phase, self.state.passthrough = self.saved
+        return self.inner.__exit__(*exc)
+
+
 class _LeakWatch:
     """Pre-hook on a parameter's AccumulateGrad node: any gradient arriving there bypassed the capture."""
 
@@ -1105,7 +1133,7 @@ class FactorCapture:
         self._depth: dict = {}
         self._stack: list = []
         self._mode = None
-        self._recompute: list = []
+        self._original_generator = None
         self._handles: list = []
         self._accumulators: list = []
         self._saved_requires_grad: list = []
@@ -1125,8 +1153,13 @@ class FactorCapture:
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
             for m in self.selection.loop_modules:
-                self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self._handles.append(m.register_forward_pre_hook(self._pre))
                 self._handles.append(m.register_forward_hook(self._post, always_call=True))
+            ckpt = torch.utils.checkpoint
+            original = getattr(ckpt, "_checkpoint_without_reentrant_generator", None)
+            if original is not None:  # process-global for the duration of the capture, restored on exit
+                self._original_generator = original
+                ckpt._checkpoint_without_reentrant_generator = self._checkpoint_generator
         except BaseException:
             self._restore()
             raise
@@ -1137,6 +1170,9 @@ class FactorCapture:
         self._restore()
 
     def _restore(self) -> None:
+        if self._original_generator is not None:
+            torch.utils.checkpoint._checkpoint_without_reentrant_generator = self._original_generator
+            self._original_generator = None
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -1147,47 +1183,52 @@ class FactorCapture:
         self._active = False
         self._state = None
 
-    def _pre(self, module, args, kwargs):
+    def _pre(self, module, args):
         st = self._state
-        if st is None:
-            return None
-        if st.phase == "forward":
-            d = self._depth.get(module, 0)
-            self._depth[module] = d + 1
-            if d == 0:
-                self._calls[module] = self._calls.get(module, 0) + 1
-            self._stack.append(module)
-            for t in _tensors_deep((args, kwargs)):  # for a recomputation of this call (checkpointing)
-                p = st.prov(t)
-                if p is not None:
-                    st.input_prov[_storage_key(t)] = p
-        elif st.phase in ("backward", "recompute") and torch.is_grad_enabled():
-            # Activation checkpointing recomputes this call during backward, outside the capture's mode: run it
-            # through the mode again so that it repeats the forward's operations exactly.  Its inputs are
-            # detached copies of the forward's (same storage), which gives back their example axes.
-            if st.phase == "backward":
-                for t in _tensors_deep((args, kwargs)):
-                    p = st.input_prov.get(_storage_key(t))
-                    if p is not None:
-                        st._mark(t, p)
-                st.phase = "recompute"
-                self._mode.__enter__()
-                self._recompute.append(module)
+        if st is None or st.phase != "forward":
+            return None  # a checkpoint's recomputation is no new call (see _checkpoint_generator)
+        d = self._depth.get(module, 0)
+        self._depth[module] = d + 1
+        if d == 0:
+            self._calls[module] = self._calls.get(module, 0) + 1
+        self._stack.append(module)
         return None
 
     def _post(self, module, args, output):
         st = self._state
-        if st is None:
+        if st is None or st.phase != "forward":
             return None
-        if st.phase == "forward":
-            if self._stack and self._stack[-1] is module:
-                self._stack.pop()
-                self._depth[module] -= 1
-        elif st.phase == "recompute" and self._recompute and self._recompute[-1] is module:
-            self._recompute.pop()
-            self._mode.__exit__(None, None, None)
-            st.phase = "backward"
+        if self._stack and self._stack[-1] is module:
+            self._stack.pop()
+            self._depth[module] -= 1
         return None
+
+    def _checkpoint_generator(self, fn, preserve_rng_state=True, context_fn=None, determinism_check="default",
+                              debug=False, early_stop=True, *args, **kwargs):
+        """``torch.utils.checkpoint``'s non-reentrant driver, with the capture added to its recomputation.
+
+        The recomputation runs during backward, outside the capture's mode; it must repeat the forward's
+        operations exactly (else torch raises ``CheckpointError``), so it runs through the mode again, in the
+        phase ``"recompute"``: operations are followed but no use is recorded and no step counted.  Its
+        inputs are detached copies of the forward's (same storage), which gives back their example axes.
+        """
+        st = self._state
+        if st is not None and st.phase == "forward":
+            for t in _tensors_deep((args, kwargs)):
+                p = st.prov(t)
+                if p is not None:
+                    st.input_prov[_storage_key(t)] = p
+            user_context = context_fn or torch.utils.checkpoint.noop_context_fn
+
+            def context():
+                fwd, recompute = user_context()
+                return fwd, _Recomputation(self, st, recompute)
+
+            context_fn = context
+        if context_fn is None:
+            context_fn = torch.utils.checkpoint.noop_context_fn
+        return self._original_generator(fn, preserve_rng_state, context_fn, determinism_check, debug, early_stop,
+                                        *args, **kwargs)
 
     def run(self, loss_fn: Callable, batch, on_use: Callable[[FactorUse], None],
             on_loss: Callable[[torch.Tensor, dict], None] | None = None) -> dict:
@@ -1214,7 +1255,6 @@ class FactorCapture:
         self._stack = []
         grads_before = [(p, p.grad, None if p.grad is None else p.grad._version) for p in self.model.parameters()]
         mode = self._mode = _Mode(st)
-        self._recompute = []
         try:
             st.phase = "forward"
             with mode:
