@@ -49,11 +49,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from sdi_core import FactorUse, SDIError
 
+from . import example_axis as ex
 from .selection import LOOP, Selection
 
 __all__ = ["FactorCapture", "BatchCapture", "capture_factors", "infer_batch_size"]
@@ -106,7 +108,9 @@ class _Record:
     swap: bool = False  # linear: the rows factor is the activation (y = x @ W)
     rows: tuple[int, int] | None = None
     coef: float = 1.0
-    layout: str = "batch"  # batch | seq_first | mT
+    layout: str = "batch"  # batch | mT (features on axis -2: W @ x)
+    act_prov: Any = None  # where the examples lie in the activation / the output (example_axis.Prov)
+    out_prov: Any = None
     shared: str | None = None  # None | "expand0" | "prepend": output expanded over the batch
     ignore_index: int | None = None
     base: tuple[int, ...] = ()  # dense: the view's (unbroadcast) shape
@@ -165,6 +169,9 @@ _ELEMENTWISE = {
 }  # fmt: skip
 
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
+# Phases in which the example axis is followed: the forward pass, and the forward recomputed by activation
+# checkpointing during backward (which must run the same operations, and records no uses).
+_TRACKING = ("forward", "recompute")
 
 
 def infer_batch_size(batch) -> int | None:
@@ -201,7 +208,7 @@ class _Mode(TorchFunctionMode):
         views = st._find_views(args, kwargs)
         if not views:
             out = func(*args, **kwargs)
-            if st.phase == "forward":
+            if st.phase in _TRACKING:
                 st._propagate(func, args, kwargs, out)
             return out
         return st._dispatch(func, args, kwargs, views)
@@ -225,10 +232,10 @@ class BatchCapture:
         for name, p in self.sel.params.items():
             self.views[id(p)] = _View(name, p, tuple(p.shape))
         self.group = {p.name: p.group for p in self.sel.infos}
-        # id -> weak reference of every tensor known to carry the batch (a dead reference never matches)
-        self.batchy: dict[int, weakref.ref] = {}
-        for t in _tensors_deep(batch):
-            self._mark(t)
+        self.batchy: dict[int, tuple] = {}  # id -> (weak reference, Prov); a dead reference never matches
+        for t in _tensors_deep(batch):  # the batch defines the example axis: axis 0 of its tensors of B rows
+            if t.ndim >= 1 and (self.batch_hint is None or t.shape[0] == self.batch_hint):
+                self._mark(t, ex.Axis(0))
         self.use_count = {n: 0 for n in self.sel.params}
         self.n_uses = 0
         self.group_uses = {g: 0 for g in self.sel.groups}
@@ -239,6 +246,7 @@ class BatchCapture:
         self.replayed: tuple[str, str] | None = None
         self.emitted = 0
         self.leaked: str | None = None
+        self.input_prov: dict = {}  # storage key -> Prov of the loop calls' inputs (checkpoint recomputation)
 
     # ------------------------------------------------------------ bookkeeping
     def _find_views(self, args, kwargs) -> list[_View]:
@@ -262,39 +270,100 @@ class BatchCapture:
         return v if v is not None and v.tensor is x else None
 
     def _carries(self, x) -> bool:
-        if not isinstance(x, torch.Tensor):
-            return False
-        ref = self.batchy.get(id(x))
-        return ref is not None and ref() is x
+        return self.prov(x) is not None
 
-    def _mark(self, t: torch.Tensor) -> None:
-        self.batchy[id(t)] = weakref.ref(t)
+    def prov(self, x) -> ex.Prov:
+        """Where the examples lie in ``x`` (:mod:`sdi_torch.example_axis`); None if it does not carry the batch."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        entry = self.batchy.get(id(x))
+        if entry is None or entry[0]() is not x:
+            if self.phase == "recompute" and self.input_prov:
+                return self.input_prov.get(_storage_key(x))
+            return None
+        return entry[1]
+
+    def _mark(self, t: torch.Tensor, prov: ex.Prov) -> None:
+        if prov is None:
+            self.batchy.pop(id(t), None)
+        else:
+            self.batchy[id(t)] = (weakref.ref(t), prov)
+
+    def _info(self, obj):
+        """``obj`` with every tensor replaced by its :class:`example_axis.Tensor` record."""
+        if isinstance(obj, torch.Tensor):
+            return ex.Tensor(tuple(obj.shape), self.prov(obj), obj.dtype == torch.bool)
+        if isinstance(obj, (list, tuple)) and any(isinstance(o, (torch.Tensor, list, tuple)) for o in obj):
+            return type(obj)(self._info(o) for o in obj) if not hasattr(obj, "_fields") else tuple(
+                self._info(o) for o in obj)
+        if isinstance(obj, torch.Size):
+            return tuple(obj)
+        return obj
+
+    def call_prov(self, opname: str, args, kwargs, outs: list) -> list:
+        """The provenance of each tensor in ``outs``, the outputs of ``opname(*args, **kwargs)``."""
+        return ex.propagate(opname, tuple(self._info(a) for a in args),
+                            {k: self._info(v) for k, v in kwargs.items()}, [tuple(o.shape) for o in outs])
 
     def _propagate(self, func, args, kwargs, out) -> None:
-        """Mark outputs of ops on batch-carrying inputs (and of data constructors) as batch-carrying."""
-        carried = _name(func) in _DATA_CONSTRUCTORS
-        if not carried:
-            for t in _tensors(args):
-                if self._carries(t):
-                    carried = True
-                    break
-            if not carried and kwargs:
-                for t in _tensors(kwargs):
-                    if self._carries(t):
-                        carried = True
-                        break
+        """Follow the example axis from the inputs of a torch call to its outputs."""
+        name = _name(func)
+        if name in _DATA_CONSTRUCTORS:  # external (batch) data entering the graph: examples first
+            for t in _tensors(out):
+                if t.ndim >= 1 and (self.batch_hint is None or t.shape[0] == self.batch_hint):
+                    self._mark(t, ex.Axis(0))
+            return
+        batchy = self.batchy
+        carried = False
+        for t in _tensors(args):
+            if id(t) in batchy and self.prov(t) is not None:
+                carried = True
+                break
+        if not carried and kwargs:
+            carried = any(self.prov(t) is not None for t in _tensors(kwargs))
         if not carried:
             return
-        for t in _tensors(out):
-            self._mark(t)
-        name = _name(func)
+        if name == "__setitem__":
+            self._setitem(args)
+            return
+        outs = list(_tensors(out))
+        for t, p in zip(outs, self.call_prov(name, args, kwargs, outs)):
+            self._mark(t, p)
         if args and isinstance(args[0], torch.Tensor) and (
-            (name.endswith("_") and not name.startswith("__")) or name in ("__setitem__", "__iadd__", "__imul__")
-        ):
-            self._mark(args[0])  # an in-place write of batch data into a tensor
+            (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+        ) and not any(t is args[0] for t in outs):
+            self._mark(args[0], ex.propagate(name, (self._info(args[0]),) + tuple(self._info(a) for a in args[1:]),
+                                             {}, [tuple(args[0].shape)])[0])
         o = kwargs.get("out") if kwargs else None
-        if isinstance(o, torch.Tensor):
-            self._mark(o)
+        if isinstance(o, torch.Tensor) and not any(t is o for t in outs):
+            self._mark(o, ex.Lost(name, "wrote batch data into an out= tensor"))
+
+    def _setitem(self, args) -> None:
+        """``dest[idx] = value``: the destination's examples from the value's, if they line up exactly."""
+        dest, idx, value = args[0], args[1], args[2]
+        pv = self.prov(value)
+        pd = self.prov(dest)
+        if pv is None:
+            return
+        if isinstance(pv, ex.Lost):
+            self._mark(dest, pv)
+            return
+        iidx = self._info(idx)
+        want = None
+        view_shape = tuple(dest[idx].shape) if not isinstance(pd, ex.Lost) else ()
+        if view_shape:
+            aligned = ex.Axis(pv.dim + len(view_shape) - value.ndim, pv.outer, pv.inner) \
+                if value.ndim <= len(view_shape) else None
+            for d in range(dest.ndim):
+                cand = ex.Axis(d, pv.outer, pv.inner)
+                if ex.index_axis(tuple(dest.shape), iidx, cand) == aligned:
+                    want = cand
+                    break
+        if want is not None and (pd is None or pd == want):
+            self._mark(dest, want)
+        else:
+            self._mark(dest, ex.Lost("__setitem__", "wrote batch data into a tensor so that its examples cannot "
+                                     "be followed", ((tuple(value.shape)), tuple(dest.shape))))
 
     def _derive(self, v: _View, t: torch.Tensor, **changes) -> torch.Tensor:
         nv = _View(v.name, t, v.stored, v.rows, v.transposed, v.lead, v.coef, v.bad)
@@ -355,33 +424,59 @@ class BatchCapture:
             self.anchors[key] = a
         return a
 
-    def _finish(self, out: torch.Tensor, recs: list, act_inputs: list, opname: str, layout: str = "batch"):
-        """Expand a shared output over the batch, anchor it, mark it, and hook it."""
+    def _finish(self, out: torch.Tensor, recs: list, act_inputs: list, opname: str, prov: ex.Prov,
+                layout: str = "batch"):
+        """Expand a shared output over the batch, anchor it, mark it with ``prov`` (where its examples lie) and
+        hook it.  ``layout`` is ``"mT"`` when the features are on axis -2 (``W @ x``)."""
+        n_uses = len(recs)  # the same in a checkpoint's recomputation, where _record returns None
         recs = [r for r in recs if r is not None]
-        carries = any(self._carries(a) for a in act_inputs)
         shared = None
-        if not carries and layout == "batch":
-            shared = self._shared_mode(out, act_inputs, recs, opname)
+        if prov is None and layout == "batch":
+            shared = self._shared_mode(out, act_inputs, n_uses, recs, opname)
             if shared == "expand0":
                 out = out.expand(self.batch_hint, *out.shape[1:])
             elif shared == "prepend":
                 out = out.expand(self.batch_hint, *out.shape)
+            if shared is not None or (n_uses and out.ndim >= 1 and self.batch_hint is not None
+                                      and out.shape[0] == self.batch_hint):
+                prov = ex.Axis(0)  # expanded here, or explicitly broadcast over the batch by the caller
         if torch.is_floating_point(out) and not out.requires_grad:
             out = out + self._anchor(out)
+        if self.phase in _TRACKING:
+            self._mark(out, prov)
         if self.phase == "forward":
-            if carries or shared:
-                self._mark(out)
             if recs:
+                if not isinstance(prov, ex.Axis) and self.batch_hint != 1:
+                    raise self._lost_error(recs[0], out, prov, act_inputs)
                 for r in recs:
                     r.shared = shared
                     r.layout = layout
+                    r.out_prov = prov
+                    src = r.act if isinstance(r.act, torch.Tensor) else getattr(r.act, "source", None)
+                    # a shared activation is expanded over the batch at emission; one explicitly broadcast over
+                    # it (arange(T).expand(B, T)) has the output's leading axes
+                    r.act_prov = None if shared is not None else (self.prov(src) or prov)
                 self.pending.extend(recs)
                 self.handles.append(out.register_hook(_Hook(self, recs)))
         return out
 
-    def _shared_mode(self, out, act_inputs, recs, opname) -> str | None:
-        if not recs or out.ndim == 0:
+    def _lost_error(self, rec: "_Record", out: torch.Tensor, prov: ex.Prov, act_inputs: list) -> SDIError:
+        shapes = [tuple(a.shape) for a in act_inputs if isinstance(a, torch.Tensor)]
+        why = prov.describe() if isinstance(prov, ex.Lost) else "it does not depend on the batch"
+        return SDIError(
+            f"Parameter {rec.name!r} at step {rec.step}: the examples of the input of {rec.opname!r} (shapes "
+            f"{shapes}, output {tuple(out.shape)}) cannot be located, so its per-example gradient cannot be "
+            f"captured. The example axis was {why}. SDI follows the examples from the batch (axis 0 of its "
+            "tensors) through every operation and never guesses them from sizes. Fix: keep the examples on an "
+            "axis of their own up to this use (transpose, permute and reshapes that keep the example axis whole "
+            "are followed; see sdi_torch.example_axis.known_ops()), or leave the parameter out of the selection."
+        )
+
+    def _shared_mode(self, out, act_inputs, n_uses, recs, opname) -> str | None:
+        if not n_uses or out.ndim == 0:
             return None
+        if not recs:  # a checkpoint's recomputation: decided as in the forward pass, which raised any error
+            recs = [_Record("?", 0, "?", 0, opname)]
         B = self.batch_hint
         if B is None:
             raise SDIError(
@@ -545,7 +640,7 @@ class BatchCapture:
         return {"rows": (r0, r0 + max(stop - start, 0)), "lead": lead}
 
     # -------------------------------------------------------------- uses
-    def _linear_use(self, x, w, b, opname: str, layout: str = "batch", out=None, transposed_extra=False):
+    def _linear_use(self, x, w, b, opname: str, out=None, transposed_extra=False):
         """``out = x @ w^T + b`` (computed natively when ``out`` is None) with w/b possibly views."""
         wv, bv = self._view_of(w), self._view_of(b)
         if self._view_of(x) is not None:
@@ -563,7 +658,8 @@ class BatchCapture:
                                      stored=wv.stored))
         if bv is not None:
             recs.append(self._bias_record(bv, opname))
-        return self._finish(out, recs, [x], opname, layout)
+        prov = self.call_prov("linear", (x, w), {}, [out])[0]
+        return self._finish(out, recs, [x], opname, prov)
 
     def _bias_record(self, bv: _View, opname: str, coef: float = 1.0):
         if bv.transposed or len(bv.base) != 1:
@@ -575,7 +671,7 @@ class BatchCapture:
         if not v.plain or len(v.stored) != 2:
             raise self._fail(v, opname, "embedding lookups need the plain 2-D weight.")
         rec = self._record(v, "embedding", opname, act=ids, coef=v.coef, stored=v.stored)
-        return self._finish(out, [rec], [ids], opname)
+        return self._finish(out, [rec], [ids], opname, self.prov(ids))
 
     def _embedding_like(self, v, out, args, kwargs, opname):
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -639,7 +735,7 @@ class BatchCapture:
             elif not v_first:
                 sign = float(alpha)
             rec = self._bias_record(v, opname, coef=sign)
-        return self._finish(out, [rec], [other], opname)
+        return self._finish(out, [rec], [other], opname, self.call_prov(opname, args, kwargs, [out])[0])
 
     # ---------------------------------------------------------- bookkeeping at the end
     def emit(self, rec: _Record, g: torch.Tensor) -> None:
@@ -691,47 +787,57 @@ class BatchCapture:
         self.on_use(use)
 
     def _batch_major(self, t: torch.Tensor, rec: _Record, what: str, trailing: int = 1) -> torch.Tensor:
-        """``t`` as ``[B, -1, *t.shape[-trailing:]]`` (examples first)."""
+        """``t`` as ``[B, -1, *t.shape[-trailing:]]`` (examples first), by the example axis tracked for it."""
         B = self.B
-        if rec.layout == "seq_first":
-            if t.ndim == 3:
-                t = t.transpose(0, 1)
-            elif t.ndim == 2 and t.shape[0] % B == 0:
-                t = t.reshape(-1, B, t.shape[-1]).transpose(0, 1)
-        elif rec.layout == "mT":
+        prov = rec.act_prov if what == "activation" else rec.out_prov
+        if rec.layout == "mT":  # W @ x: features on axis -2
             t = t.mT
-        if what == "activation" and rec.shared == "expand0":  # the gradient is of the expanded output already
-            t = t.expand(B, *t.shape[1:])
-        elif what == "activation" and rec.shared == "prepend":
-            t = t.expand(B, *t.shape)
-        tail = tuple(t.shape[t.ndim - trailing:])
-        if t.ndim >= trailing + 1 and t.shape[0] == B:
-            return t.reshape((B, -1) + tail)
-        if t.ndim == trailing + 1 and t.shape[0] % B == 0:
-            return t.reshape((B, -1) + tail)  # rows flattened example-major, e.g. x.view(-1, d)
-        raise SDIError(
-            f"Parameter {rec.name!r} in {rec.opname!r} at step {rec.step}: its {what} has shape {tuple(t.shape)}, "
-            f"which has no leading batch axis of size {B}. SDI needs batch-major activations ([B, ..., d], or "
-            "[B * T, d] flattened example-major)."
-        )
+            if isinstance(prov, ex.Axis) and prov.dim == t.ndim - 1:
+                prov = ex.Axis(t.ndim - 2, prov.outer, prov.inner)
+        if what == "activation" and rec.shared is not None:  # the gradient is of the expanded output already
+            t = t.expand(B, *t.shape[1:]) if rec.shared == "expand0" else t.expand(B, *t.shape)
+            prov = ex.Axis(0)
+        return _examples_first(t, prov, B, trailing, rec, what)
 
     def _rows(self, t, rec, what):
         return self._batch_major(t, rec, what, trailing=1)
 
     def _ids(self, ids: torch.Tensor, rec: _Record) -> torch.Tensor:
         B = self.B
-        if rec.shared == "expand0":
-            ids = ids.expand(B, *ids.shape[1:])
-        elif rec.shared == "prepend":
-            ids = ids.expand(B, *ids.shape)
-        if ids.ndim >= 1 and ids.shape[0] == B:
-            return ids.reshape(B, -1)
-        if ids.ndim == 1 and ids.shape[0] % B == 0:
-            return ids.reshape(B, -1)
+        prov = rec.act_prov
+        if rec.shared is not None:
+            ids = ids.expand(B, *ids.shape[1:]) if rec.shared == "expand0" else ids.expand(B, *ids.shape)
+            prov = ex.Axis(0)
+        return _examples_first(ids, prov, B, 0, rec, "ids")
+
+
+def _examples_first(t: torch.Tensor, prov, B: int, trailing: int, rec: _Record, what: str) -> torch.Tensor:
+    """``t`` as ``[B, -1, *t.shape[t.ndim - trailing:]]``: the tracked example axis unmerged and moved first."""
+    tail = tuple(t.shape[t.ndim - trailing:])
+    if B == 1 and not isinstance(prov, ex.Axis):
+        return t.reshape((1, -1) + tail)  # one example: every row is its own
+    ok = isinstance(prov, ex.Axis) and prov.dim < t.ndim - trailing and \
+        t.shape[prov.dim] == prov.outer * B * prov.inner
+    if not ok:
+        where = prov.describe() if prov is not None else "not tracked (it does not depend on the batch)"
         raise SDIError(
-            f"Parameter {rec.name!r} in {rec.opname!r}: the ids have shape {tuple(ids.shape)}, with no leading "
-            f"batch axis of size {B}."
+            f"Parameter {rec.name!r} in {rec.opname!r} at step {rec.step}: its {what} has shape {tuple(t.shape)} "
+            f"and its example axis is {where}, which does not hold the {B} examples of the batch. This is a bug "
+            "in the example-axis tracking of sdi_torch (please report it with the model); leave the parameter "
+            "out of the selection meanwhile."
         )
+    d = prov.dim
+    if prov.outer != 1 or prov.inner != 1:
+        t = t.unflatten(d, (prov.outer, B, prov.inner))
+        d += 1
+    if d != 0:
+        t = t.movedim(d, 0)
+    return t.reshape((B, -1) + tail)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Identifies ``t``'s data exactly (a detached copy has the same key)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
 def _tensors_deep(obj):
@@ -758,6 +864,31 @@ class _Recompute:
     def __call__(self):
         with torch.no_grad():
             return self.fn(self.source.detach())
+
+
+class _Recomputation:
+    """Context of a checkpoint's recomputation: the capture's mode pushed, phase ``"recompute"``."""
+
+    def __init__(self, owner: "FactorCapture", state: "BatchCapture", inner):
+        self.owner, self.state, self.inner = owner, state, inner
+
+    def __enter__(self):
+        self.inner.__enter__()
+        st = self.state
+        self.saved = (st.phase, st.passthrough)
+        if st.phase == "backward":
+            st.phase, st.passthrough = "recompute", False
+            self.owner._mode.__enter__()
+            self.pushed = True
+        else:
+            self.pushed = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.pushed:
+            self.owner._mode.__exit__(*exc)
+        self.state.phase, self.state.passthrough = self.saved
+        return self.inner.__exit__(*exc)
 
 
 class _LeakWatch:
@@ -827,7 +958,7 @@ def _h_matmul(st: BatchCapture, func, args, kwargs, opname):
                            stored=va.stored)]
         if va.lead:
             raise st._fail(va, opname, "a broadcast view of a weight is not supported in matmul.")
-        return st._finish(out, recs, [b], opname, layout="mT")
+        return st._finish(out, recs, [b], opname, st.call_prov(opname, args, kwargs, [out])[0], layout="mT")
     raise st._fail(va, opname, "a product of two parameter tensors is not supported.")
 
 
@@ -863,7 +994,7 @@ def _h_embedding(st: BatchCapture, func, args, kwargs, opname):
         raise st._fail(v, opname, "embedding lookups need the plain 2-D weight.")
     out = func(*args, **kwargs)
     rec = st._record(v, "embedding", opname, act=bound["input"], coef=v.coef, ignore_index=pad, stored=v.stored)
-    return st._finish(out, [rec], [bound["input"]], opname)
+    return st._finish(out, [rec], [bound["input"]], opname, st.prov(bound["input"]))
 
 
 def _h_norm(st: BatchCapture, func, args, kwargs, opname):
@@ -894,7 +1025,7 @@ def _h_norm(st: BatchCapture, func, args, kwargs, opname):
         if bv.lead or bv.transposed:
             raise st._fail(bv, opname, "the norm's bias must be the parameter or a row slice of it.")
         recs.append(st._bias_record(bv, opname))
-    return st._finish(out, recs, [x], opname)
+    return st._finish(out, recs, [x], opname, st.call_prov(opname, args, kwargs, [out])[0])
 
 
 def _h_mha(st: BatchCapture, func, args, kwargs, opname):
@@ -918,18 +1049,20 @@ def _h_mha(st: BatchCapture, func, args, kwargs, opname):
         ws = tuple(_row_part(st, A["in_proj_weight"], i * E, (i + 1) * E) for i in range(3))
     b = A["in_proj_bias"]
     bs = (None, None, None) if b is None else tuple(_row_part(st, b, i * E, (i + 1) * E) for i in range(3))
-    q = st._linear_use(q_in, ws[0], bs[0], "multi_head_attention_forward(q)", layout="seq_first")
-    k = st._linear_use(k_in, ws[1], bs[1], "multi_head_attention_forward(k)", layout="seq_first")
-    v = st._linear_use(v_in, ws[2], bs[2], "multi_head_attention_forward(v)", layout="seq_first")
+    q = st._linear_use(q_in, ws[0], bs[0], "multi_head_attention_forward(q)")
+    k = st._linear_use(k_in, ws[1], bs[1], "multi_head_attention_forward(k)")
+    v = st._linear_use(v_in, ws[2], bs[2], "multi_head_attention_forward(v)")
     eye = torch.eye(E, dtype=q.dtype, device=q.device)  # x @ I^T is exact: the projections are done above
     A.update(query=q, key=k, value=v, in_proj_weight=None, in_proj_bias=None, out_proj_weight=eye,
              out_proj_bias=None, use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
              v_proj_weight=eye)
     attn, weights = func(**A)
+    if st.phase in _TRACKING:
+        for t, p in zip((attn, weights), st.call_prov("multi_head_attention_forward", (q, k, v), {},
+                                                       [attn] + ([weights] if weights is not None else []))):
+            st._mark(t, p)
     out = st._linear_use(attn, ba.arguments["out_proj_weight"], ba.arguments["out_proj_bias"],
-                         "multi_head_attention_forward(out_proj)", layout="seq_first")
-    if st.phase == "forward" and st._carries(q_in):
-        st._mark(out)
+                         "multi_head_attention_forward(out_proj)")
     return out, weights
 
 
@@ -999,6 +1132,8 @@ class FactorCapture:
         self._calls: dict = {}
         self._depth: dict = {}
         self._stack: list = []
+        self._mode = None
+        self._original_generator = None
         self._handles: list = []
         self._accumulators: list = []
         self._saved_requires_grad: list = []
@@ -1020,6 +1155,11 @@ class FactorCapture:
             for m in self.selection.loop_modules:
                 self._handles.append(m.register_forward_pre_hook(self._pre))
                 self._handles.append(m.register_forward_hook(self._post, always_call=True))
+            ckpt = torch.utils.checkpoint
+            original = getattr(ckpt, "_checkpoint_without_reentrant_generator", None)
+            if original is not None:  # process-global for the duration of the capture, restored on exit
+                self._original_generator = original
+                ckpt._checkpoint_without_reentrant_generator = self._checkpoint_generator
         except BaseException:
             self._restore()
             raise
@@ -1030,6 +1170,9 @@ class FactorCapture:
         self._restore()
 
     def _restore(self) -> None:
+        if self._original_generator is not None:
+            torch.utils.checkpoint._checkpoint_without_reentrant_generator = self._original_generator
+            self._original_generator = None
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -1043,7 +1186,7 @@ class FactorCapture:
     def _pre(self, module, args):
         st = self._state
         if st is None or st.phase != "forward":
-            return None
+            return None  # a checkpoint's recomputation is no new call (see _checkpoint_generator)
         d = self._depth.get(module, 0)
         self._depth[module] = d + 1
         if d == 0:
@@ -1059,6 +1202,33 @@ class FactorCapture:
             self._stack.pop()
             self._depth[module] -= 1
         return None
+
+    def _checkpoint_generator(self, fn, preserve_rng_state=True, context_fn=None, determinism_check="default",
+                              debug=False, early_stop=True, *args, **kwargs):
+        """``torch.utils.checkpoint``'s non-reentrant driver, with the capture added to its recomputation.
+
+        The recomputation runs during backward, outside the capture's mode; it must repeat the forward's
+        operations exactly (else torch raises ``CheckpointError``), so it runs through the mode again, in the
+        phase ``"recompute"``: operations are followed but no use is recorded and no step counted.  Its
+        inputs are detached copies of the forward's (same storage), which gives back their example axes.
+        """
+        st = self._state
+        if st is not None and st.phase == "forward":
+            for t in _tensors_deep((args, kwargs)):
+                p = st.prov(t)
+                if p is not None:
+                    st.input_prov[_storage_key(t)] = p
+            user_context = context_fn or torch.utils.checkpoint.noop_context_fn
+
+            def context():
+                fwd, recompute = user_context()
+                return fwd, _Recomputation(self, st, recompute)
+
+            context_fn = context
+        if context_fn is None:
+            context_fn = torch.utils.checkpoint.noop_context_fn
+        return self._original_generator(fn, preserve_rng_state, context_fn, determinism_check, debug, early_stop,
+                                        *args, **kwargs)
 
     def run(self, loss_fn: Callable, batch, on_use: Callable[[FactorUse], None],
             on_loss: Callable[[torch.Tensor, dict], None] | None = None) -> dict:
@@ -1084,13 +1254,23 @@ class FactorCapture:
         self._depth = {}
         self._stack = []
         grads_before = [(p, p.grad, None if p.grad is None else p.grad._version) for p in self.model.parameters()]
-        mode = _Mode(st)
+        mode = self._mode = _Mode(st)
         try:
             st.phase = "forward"
             with mode:
                 loss = loss_fn(self.model, batch)
             st.phase = "checks"
             loss = _check_loss(loss)
+            lp = st.prov(loss)
+            if isinstance(lp, ex.Lost) or (isinstance(lp, ex.Axis) and lp != ex.Axis(0)):
+                if int(loss.shape[0]) != 1:
+                    why = lp.describe() if isinstance(lp, ex.Lost) else f"on {lp.describe()}"
+                    raise SDIError(
+                        f"loss_fn returned losses of shape {tuple(loss.shape)} whose examples cannot be followed "
+                        f"from the batch: the example axis was {why}. Per-example losses must keep the examples "
+                        "apart (no sum or mean over the batch, no normalisation by a batch-wide count such as "
+                        "mask.sum()); reduce each example's own tokens only, e.g. loss.sum(1) / mask.sum(1)."
+                    )
             st.B = int(loss.shape[0])
             if st.batch_hint is not None and st.batch_hint != st.B and any(r.shared for r in st.pending):
                 raise SDIError(
