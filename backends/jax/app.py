@@ -202,4 +202,5 @@ BACKEND = Backend(
     logits=logits,
     featurize=featurize,
     load_checkpoint=load_checkpoint,
+    conformance="sdi_jax.conformance:backend",
 )

@@ -167,6 +167,7 @@ BACKEND = Backend(
     logits=logits,
     featurize=featurize,
     load_checkpoint=load_checkpoint,
+    conformance="sdi_torch.conformance:backend",
     store_featurizer=store_featurizer,
     check_device=check_device,
     threads=threads,

@@ -98,6 +98,9 @@ class Backend:
             None: the backend has no devices to choose.
         threads: ``n -> context manager`` limiting the framework's CPU
             threads while a command runs (``n`` None: unchanged).
+        conformance: ``"pkg.module:attr"`` of this framework's backend for the
+            conformance suite (``pytest --sdi-backend NAME`` resolves a
+            registered name through it); None: none.
         distributed: ``() -> module`` with ``process_group``,
             ``featurize_to_store`` and ``score_store`` for runs under this
             framework's launcher (``sdi_torch.distributed``); None: none.
@@ -114,6 +117,7 @@ class Backend:
     check_device: Callable[[str], None] | None = None
     threads: Callable[[int | None], ContextManager] = _no_threads
     distributed: Callable[[], Any] | None = None
+    conformance: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():

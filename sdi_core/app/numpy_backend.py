@@ -204,5 +204,6 @@ BACKEND = Backend(
     logits=logits,
     featurize=featurize,
     load_checkpoint=load_checkpoint,
+    conformance="sdi_conformance.numpy_backend:backend",
     store_featurizer=_store_featurizer,
 )
