@@ -369,3 +369,44 @@ def test_a_loss_normalised_by_a_batch_wide_count_is_refused():
     attr = sdi_torch.Attributor(m, m.block, bad, sdi_core.Exact(), progress=False)
     with pytest.raises(SDIError, match="mask.sum"):
         attr.featurize([token_batch(4, 6)])
+
+
+def item_normalised_loss(model, batch):
+    tok = F.cross_entropy(model(batch["x"]).transpose(1, 2), batch["y"], reduction="none")
+    # a batch-wide count through a Python number: no tensor trail to follow, only the row check sees it
+    return tok.sum(1) / float((batch["x"] > 2).sum())
+
+
+def test_row_check_catches_what_no_trail_shows_and_can_be_turned_off():
+    m = PatternModel("plain").eval()
+    b = token_batch(4, 6)
+    attr = sdi_torch.Attributor(m, m.block, item_normalised_loss, sdi_core.Exact(), progress=False)
+    with pytest.raises(SDIError, match=r"check_rows: example 0 of a batch of 4 .*batch-level reduction"):
+        attr.featurize([b])
+    off = sdi_torch.Attributor(m, m.block, item_normalised_loss, sdi_core.Exact(), progress=False,
+                               check_rows=False)
+    assert off.featurize([b]).n_examples == 4
+
+
+class BNBody(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.bn = nn.BatchNorm1d(D)
+
+    def forward(self, h):
+        return h + self.bn(self.lin(h).transpose(1, 2)).transpose(1, 2)
+
+
+def test_batch_norm_in_train_mode_is_refused():
+    m = PatternModel("plain")
+    m.block = BNBody()
+    # In train mode the tracker sees batch statistics mixing the examples; the capture refuses at the use
+    # that reads them (the next step's Linear).
+    loop = [m.block.lin.weight, m.block.lin.bias]
+    attr = sdi_torch.Attributor(m, loop, token_loss, sdi_core.Exact(), progress=False, train_mode=True)
+    with pytest.raises(SDIError, match="batch norm in train mode"):
+        attr.featurize([token_batch(4, 6)])
+    m.eval()  # running statistics: rows independent, exact
+    got = sdi_torch.Attributor(m, loop, token_loss, sdi_core.Exact(), progress=False).featurize([token_batch(4, 6)])
+    assert got.steps["loop"] == TAU
