@@ -317,3 +317,96 @@ def test_parameter_shared_by_two_modules_used_as_successive_steps():
     want = torch.stack([p.reshape(4, -1) for p in per], 1)
     err = float((got.data[0]["loop"] - want).abs().max() / want.abs().max())
     assert err <= TOL, err
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class MixingBody(nn.Module):
+    """Centres over the batch before a Linear: examples mixed, so per-example gradients are undefined."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, h):
+        return h + self.lin(h - h.mean(0, keepdim=True))
+
+
+class MixingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D)
+        self.block = MixingBody()
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for _ in range(TAU):
+            h = self.block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("B,T", [(4, 6), (6, 6)], ids=["B!=T", "B==T"])
+def test_mixing_the_examples_is_refused_naming_parameter_step_op_and_fix(B, T):
+    m = MixingModel()
+    attr = sdi_torch.Attributor(m, m.block, token_loss, sdi_core.Exact(), progress=False)
+    with pytest.raises(SDIError) as info:
+        attr.featurize([token_batch(B, T)])
+    msg = str(info.value)
+    for part in ("'block.lin.weight'", "step 0", "'mean'", "example axis", "Fix:"):
+        assert part in msg, (part, msg)
+
+
+def test_a_loss_normalised_by_a_batch_wide_count_is_refused():
+    m = PatternModel("plain")
+
+    def bad(model, batch):
+        tok = F.cross_entropy(model(batch["x"]).transpose(1, 2), batch["y"], reduction="none")
+        return tok.sum(1) / (tok > 0).sum()
+
+    attr = sdi_torch.Attributor(m, m.block, bad, sdi_core.Exact(), progress=False)
+    with pytest.raises(SDIError, match="mask.sum"):
+        attr.featurize([token_batch(4, 6)])
+
+
+def item_normalised_loss(model, batch):
+    tok = F.cross_entropy(model(batch["x"]).transpose(1, 2), batch["y"], reduction="none")
+    # a batch-wide count through a Python number: no tensor trail to follow, only the row check sees it
+    return tok.sum(1) / float((batch["x"] > 2).sum())
+
+
+def test_row_check_catches_what_no_trail_shows_and_can_be_turned_off():
+    m = PatternModel("plain").eval()
+    b = token_batch(4, 6)
+    attr = sdi_torch.Attributor(m, m.block, item_normalised_loss, sdi_core.Exact(), progress=False)
+    with pytest.raises(SDIError, match=r"check_rows: example 0 of a batch of 4 .*batch-level reduction"):
+        attr.featurize([b])
+    off = sdi_torch.Attributor(m, m.block, item_normalised_loss, sdi_core.Exact(), progress=False,
+                               check_rows=False)
+    assert off.featurize([b]).n_examples == 4
+
+
+class BNBody(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.bn = nn.BatchNorm1d(D)
+
+    def forward(self, h):
+        return h + self.bn(self.lin(h).transpose(1, 2)).transpose(1, 2)
+
+
+def test_batch_norm_in_train_mode_is_refused():
+    m = PatternModel("plain")
+    m.block = BNBody()
+    # In train mode the tracker sees batch statistics mixing the examples; the capture refuses at the use
+    # that reads them (the next step's Linear).
+    loop = [m.block.lin.weight, m.block.lin.bias]
+    attr = sdi_torch.Attributor(m, loop, token_loss, sdi_core.Exact(), progress=False, train_mode=True)
+    with pytest.raises(SDIError, match="batch norm in train mode"):
+        attr.featurize([token_batch(4, 6)])
+    m.eval()  # running statistics: rows independent, exact
+    got = sdi_torch.Attributor(m, loop, token_loss, sdi_core.Exact(), progress=False).featurize([token_batch(4, 6)])
+    assert got.steps["loop"] == TAU

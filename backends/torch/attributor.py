@@ -70,6 +70,16 @@ class Attributor:
         fast_path: sketch with the engine's native torch kernels (default);
             False uses its portable array-API kernels (same features to
             rounding; for testing).
+        check_rows: on the first batch of every shape in each
+            :meth:`featurize` call, featurise its first and last example on
+            their own and compare them with their rows of the batch run; a
+            mismatch (a mis-tracked example axis, batch norm in train mode, a
+            batch-level reduction) raises an error naming the example.  Costs
+            one forward + backward of two examples per batch shape.  A batch
+            is split by slicing axis 0 of every tensor with one row per
+            example; other leaves are passed to both runs unchanged.  Default
+            (None): on, except with ``train_mode=True``, where dropout makes
+            the two runs differ by chance.
 
     Attributes:
         selection: the resolved parameters (``.infos``: ``ParamInfo`` list).
@@ -101,6 +111,7 @@ class Attributor:
         batch_size: Callable | int | None = None,
         progress: bool = True,
         fast_path: bool = True,
+        check_rows: bool | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise SDIError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {type(loss_fn).__name__}.")
@@ -113,6 +124,7 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.fast = bool(fast_path)
+        self.check_rows = (not self.train_mode) if check_rows is None else bool(check_rows)
         self.engine = SketchEngine(self.plan, method="auto" if self.fast else "portable")
         self._weights_id = None
 
@@ -243,6 +255,7 @@ class _CaptureSession(ModelSession):
         super().__init__(attr.model, restore=restore, train_mode=attr.train_mode, current_id=attr._current_weights_id)
         self.attr = attr
         self._capture: FactorCapture | None = None
+        self._rows_checked: set = set()
 
     def __enter__(self):
         super().__enter__()
@@ -263,6 +276,15 @@ class _CaptureSession(ModelSession):
             super().__exit__(*exc)
 
     def run(self, batch, *, summed: bool) -> driver.BatchFeatures:
+        data, steps, n = self._features(batch, summed)
+        if self.attr.check_rows and n > 1:
+            key = _shape_signature(batch)
+            if key not in self._rows_checked:
+                self._check_rows(batch, data, steps, n, summed)
+                self._rows_checked.add(key)
+        return driver.BatchFeatures(data, steps, self.attr.plan.layout)
+
+    def _features(self, batch, summed: bool):
         engine = self.attr.engine
         box: dict = {}
 
@@ -274,15 +296,66 @@ class _CaptureSession(ModelSession):
                     "and the checkpoint's weights."
                 )
             box["state"] = engine.init(int(loss.shape[0]), steps, summed=summed)
+            box["n"] = int(loss.shape[0])
 
         def on_use(use):
             box["state"] = engine.update(box["state"], use)
 
         res = self._capture.run(self.attr.loss_fn, batch, on_use, on_loss)
-        return driver.BatchFeatures(engine.finalize(box["state"]), res["steps"], self.attr.plan.layout)
+        return engine.finalize(box["state"]), res["steps"], box["n"]
+
+    def _check_rows(self, batch, data, steps, n, summed) -> None:
+        """The first and last example featurised alone must equal their rows of the batch run."""
+        for i in (0, n - 1):
+            one = _example(batch, i, n)
+            got, got_steps, m = self._features(one, summed)
+            if m != 1:
+                raise SDIError(
+                    f"check_rows: the batch sliced to its example {i} (axis 0 of every tensor with {n} rows) gave "
+                    f"{m} losses, not 1, so the batch cannot be split into examples that way. Pass "
+                    "check_rows=False to the Attributor."
+                )
+            for g, full in data.items():
+                row, alone = full[i], got[g][0]
+                s = min(row.shape[0], alone.shape[0])
+                extra = max(float(row[s:].abs().max(initial=0.0)) if row.shape[0] > s else 0.0,
+                            float(alone[s:].abs().max(initial=0.0)) if alone.shape[0] > s else 0.0)
+                diff = (row[:s].double() - alone[:s].double()).abs()
+                scale = max(float(row.abs().max()), float(alone.abs().max()), 1e-30)
+                tol = 1e-8 if row.dtype == torch.float64 else 1e-3
+                err = max(float(diff.max()) if diff.numel() else 0.0, extra) / scale
+                if err > tol:
+                    step = int(diff.amax(-1).argmax()) if diff.numel() else s
+                    raise SDIError(
+                        f"check_rows: example {i} of a batch of {n} featurised on its own differs from its row of "
+                        f"the batch run (group {g!r}, step slot {step}: relative difference {err:.3g}). The "
+                        "examples of the batch interact, so per-example gradients are not what the batch run "
+                        "computes. Likely causes: 1. batch norm (or another layer using batch statistics) in train "
+                        "mode; 2. a batch-level reduction in the model or loss_fn (a mean over the batch, a "
+                        "normalisation by a batch-wide token count); 3. the example axis mis-tracked by sdi_torch "
+                        "(please report the model). Fix the model or loss so every example is computed from its "
+                        "own inputs, or pass check_rows=False to skip this check."
+                    )
 
     def meta(self) -> dict:
         return {"backend": self.backend, "routes": self.attr.engine.routes()}
+
+
+def _shape_signature(batch) -> tuple:
+    """The shapes (and dtypes) of a batch's tensors, in a fixed order: batches alike get one row check."""
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(batch)
+    return (str(spec),) + tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+                                for x in leaves)
+
+
+def _example(batch, i: int, n: int):
+    """Example ``i`` of ``batch`` as a batch of one: ``[i:i+1]`` of every tensor with ``n`` rows."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x[i:i + 1] if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == n else x,
+                    batch)
 
 
 def _checkpoint_list(checkpoints) -> list[Checkpoint] | None:

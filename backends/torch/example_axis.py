@@ -231,14 +231,14 @@ def reshape_axis(shape: Sequence[int], new_shape: Sequence[int], ax: Axis) -> Ax
     n = shape[ax.dim]
     b = n // (ax.outer * ax.inner)
     stride = ax.inner * math.prod(shape[ax.dim + 1:])
-    right = 1
-    for k in range(len(new_shape) - 1, -1, -1):
-        size = new_shape[k]
-        lo, hi = right, right * size  # output dim k covers flat strides [lo, hi)
+    # Output dim k covers flat strides [lo, hi).  With b > 1 at most one dim holds the digit; with b == 1 it
+    # fits at the boundaries too, and the outermost choice keeps it off the features (last) axis.
+    for k, size in enumerate(new_shape):
+        lo = math.prod(new_shape[k + 1:])
+        hi = lo * size
         if lo <= stride and stride * b <= hi and stride % lo == 0 and hi % (stride * b) == 0:
             inner = stride // lo
             return Axis(k, size // (b * inner), inner)
-        right = hi
     return f"splits the example axis (of size {n} at {ax.describe()}) across dimensions of {tuple(new_shape)}"
 
 
