@@ -11,6 +11,7 @@ format (canonical ``.npz`` weights and a ``.json``), so ``sdi featurize
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -187,6 +188,35 @@ def featurize(model: JaxModel, sketch, data: Mapping[str, np.ndarray], checkpoin
     return attr.featurize(batches, checkpoints, example_ids=ids).to_numpy()
 
 
+def user_featurizer(user, sketch, checkpoints):
+    """``featurize_fn`` for a user's pure loss (``sdi featurize --model pkg.module:factory --backend jax``):
+    ``user.model`` is the params pytree (used when there are no checkpoints), ``user.loss_fn(params, batch)``."""
+    from sdi_core.factors import SDIError
+
+    from .attributor import Attributor
+
+    attr = Attributor(user.loss_fn, loop=user.loop, sketch=sketch, groups=user.groups, steps=user.steps,
+                      params=user.model, progress=False)
+    for c in checkpoints or ():
+        if isinstance(c.source, (str, os.PathLike)):
+            raise SDIError(f"--backend jax takes no checkpoint files ({c.source!r}); return Checkpoint(params, "
+                           "eta=...) objects from the factory's 'checkpoints'.")
+
+    def featurize_fn(batch_list):
+        ids, clean = [], []
+        for b in batch_list:
+            if isinstance(b, Mapping) and "ids" in b:
+                ids.append(np.asarray(b["ids"]))
+                b = {k: v for k, v in b.items() if k != "ids"}
+            clean.append(b)
+        if ids and len(ids) != len(clean):
+            raise SDIError("Some batches carry 'ids' and some do not; give ids for all batches or none.")
+        f = attr.featurize(clean, checkpoints or None, example_ids=np.concatenate(ids) if ids else None)
+        return f.to_numpy()
+
+    return featurize_fn
+
+
 def load_checkpoint(path):
     """``(LoopedConfig, canonical NumPy weights)`` of a checkpoint this backend's training wrote."""
     from sdi_core.app.numpy_backend import load_checkpoint as load
@@ -202,5 +232,6 @@ BACKEND = Backend(
     logits=logits,
     featurize=featurize,
     load_checkpoint=load_checkpoint,
+    user_featurizer=user_featurizer,
     conformance="sdi_jax.conformance:backend",
 )

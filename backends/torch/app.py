@@ -129,6 +129,17 @@ def store_featurizer(config, checkpoints, sketch, data, *, groups=("loop",), tau
     return featurize_rows
 
 
+def user_featurizer(user, sketch, checkpoints):
+    """``featurize_fn`` for a user's model (``sdi featurize --model pkg.module:factory``): an
+    :class:`sdi_torch.Attributor` over ``user`` through :func:`sdi_torch.distributed.attributor_featurizer`."""
+    from .attributor import Attributor
+    from .distributed import attributor_featurizer
+
+    attr = Attributor(user.model, loop=user.loop, loss_fn=user.loss_fn, sketch=sketch, groups=user.groups,
+                      steps=user.steps, progress=False)
+    return attributor_featurizer(attr, checkpoints)
+
+
 def check_device(device: str) -> None:
     """Refuse a ``--device`` that torch cannot parse or use, before any work."""
     import torch
@@ -169,6 +180,7 @@ BACKEND = Backend(
     load_checkpoint=load_checkpoint,
     conformance="sdi_torch.conformance:backend",
     store_featurizer=store_featurizer,
+    user_featurizer=user_featurizer,
     check_device=check_device,
     threads=threads,
     distributed=distributed,

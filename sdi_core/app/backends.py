@@ -93,6 +93,11 @@ class Backend:
             :func:`sdi_core.store.featurize_to_store` (row ranges ->
             Features) on canonical weights (``sdi featurize``); None: the
             backend has no store path.
+        user_featurizer: ``(user_model, sketch, checkpoints) -> featurize_fn``
+            for ``sdi featurize --model pkg.module:factory``: wraps a
+            :class:`~sdi_core.app.user_model.UserModel` in the backend's
+            Attributor; ``featurize_fn(list of batches) -> Features`` (NumPy;
+            a mapping batch's ``"ids"`` are the example ids).  None: no such path.
         check_device: ``device -> None``, raising :class:`SDIError` for a
             ``--device`` the framework cannot use (checked before any work);
             None: the backend has no devices to choose.
@@ -114,6 +119,7 @@ class Backend:
     featurize: Callable[..., Any]
     load_checkpoint: Callable[[str], tuple[Any, dict]]
     store_featurizer: Callable[..., Callable] | None = None
+    user_featurizer: Callable[..., Callable] | None = None
     check_device: Callable[[str], None] | None = None
     threads: Callable[[int | None], ContextManager] = _no_threads
     distributed: Callable[[], Any] | None = None

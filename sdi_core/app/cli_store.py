@@ -267,13 +267,40 @@ def _rows_fingerprint(data: dict) -> Callable[[list[tuple[int, int]]], str]:
     return fingerprint
 
 
+def _apply_config(args: argparse.Namespace, defaults: dict) -> None:
+    """Fill ``args`` from ``--config FILE`` where the command line left an option at its default."""
+    from .user_model import load_config_file
+
+    for key, value in load_config_file(args.config).items():
+        if getattr(args, key) == defaults.get(key):
+            setattr(args, key, value)
+
+
+def _sketch_of(args):
+    if args.sketch_dim == 0:
+        return Exact()
+    if args.sketch_dim < 0:
+        raise SDIError(f"--sketch-dim {args.sketch_dim}: use a positive dimension, or 0 for exact features.")
+    # Routes by the cost model, not timed: every rank and every resumed run must make the same choice, or
+    # the store would not be bit-identical to an uninterrupted single-process one.
+    return TensorSketch(dim=args.sketch_dim, seed=args.seed, time_routes=False)
+
+
 def run_featurize(args: argparse.Namespace) -> int:
-    from ..store import check_destination, featurize_to_store
+    from ..store import check_destination
 
     from .backends import get_backend
+    from .user_model import is_factory_spec
 
+    if args.config:
+        _apply_config(args, args.parser_defaults)
+    if not args.out:
+        raise SDIError("sdi featurize needs --out STORE (or out = \"STORE\" in the --config file).")
     check_destination(args.out, "--out", create=False)  # before anything is loaded or computed; creates nothing
-    backend = get_backend(args.backend)
+    if is_factory_spec(args.model):
+        return _featurize_user_model(args)
+    backend = get_backend(args.backend or "numpy")
+    args.backend = backend.name
     if backend.store_featurizer is None:
         raise SDIError(f"backend {backend.name!r} has no store featurizer for `sdi featurize`; use --backend numpy "
                        "or torch (or featurise with its Attributor and sdi_core.store.featurize_to_store).")
@@ -300,26 +327,26 @@ def run_featurize(args: argparse.Namespace) -> int:
     if any(not np.isfinite(e) or e <= 0 for e in etas):
         raise SDIError(f"--eta values must be positive, got {etas}.")
     checkpoints = [(w, CheckpointInfo(checkpoint_id(w), float(e), None)) for w, e in zip(weights_list, etas)]
-    if args.sketch_dim == 0:
-        sketch = Exact()
-    elif args.sketch_dim < 0:
-        raise SDIError(f"--sketch-dim {args.sketch_dim}: use a positive dimension, or 0 for exact features.")
-    else:
-        # Routes by the cost model, not timed: every rank and every resumed run must make the same choice, or
-        # the store would not be bit-identical to an uninterrupted single-process one.
-        sketch = TensorSketch(dim=args.sketch_dim, seed=args.seed, time_routes=False)
+    sketch = _sketch_of(args)
     groups = _parse_groups(args.groups)
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise SDIError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}.")
-    rank = _env_int("RANK", 0) if args.rank is None else args.rank
-    world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
     kw = dict(groups=groups, tau=args.tau, summed=args.summed)
     fn = backend.store_featurizer(config, checkpoints, sketch, data, device=args.device, dtype=args.torch_dtype, **kw)
     batches = batch_ranges(int(data["tokens"].shape[0]), args.batch_size)
     common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split, progress=args.progress,
                   config=_run_config(args, config, checkpoints, sketch, groups, data),
                   fingerprint=_rows_fingerprint(data), verify=not args.no_verify)
+    return _write_store(args, fn, batches, common)
+
+
+def _write_store(args, fn, batches, common) -> int:
+    """Featurise ``batches`` with ``fn`` into ``--out``: one process, hand-given ranks, or torchrun's."""
+    from ..store import featurize_to_store
+
+    rank = _env_int("RANK", 0) if args.rank is None else args.rank
+    world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
     if args.overwrite and (world > 1 or _under_torchrun(args)):
         raise SDIError("--overwrite replaces the store from one process; run it without torchrun or --world-size, "
                        "then featurise with every rank.")
@@ -339,6 +366,52 @@ def run_featurize(args: argparse.Namespace) -> int:
     else:
         print(store)
     return 0
+
+
+def _featurize_user_model(args: argparse.Namespace) -> int:
+    """``sdi featurize --model pkg.module:factory``: the factory's model, loss, loop and batches."""
+    from ..store import batch_fingerprint
+    from .backends import get_backend
+    from .user_model import load_factory
+
+    backend = get_backend(args.backend or "torch")
+    args.backend = backend.name
+    if backend.user_featurizer is None:
+        raise SDIError(f"backend {backend.name!r} cannot featurise a user's model (--model pkg.module:factory); "
+                       "use --backend torch or jax.")
+    if args.demo is not None or args.data:
+        raise SDIError("--model pkg.module:factory brings its own batches; drop --demo and --data.")
+    if backend.check_device is not None:
+        backend.check_device(args.device)
+    for name in ("shard_size",):
+        if getattr(args, name) < 1:
+            raise SDIError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}.")
+    user = load_factory(args.model)
+    paths = list(args.checkpoint or [])
+    etas = args.eta or [None] * len(paths)
+    if len(etas) != len(paths):
+        raise SDIError(f"Got {len(etas)} --eta values for {len(paths)} --checkpoint files; give one per checkpoint or none.")
+    if any(e is not None and (not np.isfinite(e) or e <= 0) for e in etas):
+        raise SDIError(f"--eta values must be positive, got {etas}.")
+    checkpoints = [c if isinstance(c, Checkpoint) else Checkpoint(os.fspath(c)) for c in (user.checkpoints or [])]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise SDIError(f"--checkpoint {p!r}: no such file.")
+    checkpoints += [Checkpoint(os.path.abspath(p), eta=e) for p, e in zip(paths, etas)]
+    sketch = _sketch_of(args)
+    fn = backend.user_featurizer(user, sketch, checkpoints or None)
+    run = {
+        "backend": backend.name,
+        "model": args.model,
+        "checkpoints": [{"source": c.source if isinstance(c.source, str) else c.name, "eta": c.eta}
+                        for c in checkpoints],
+        "sketch": {"kind": type(sketch).__name__, **{k: getattr(sketch, k) for k in ("dim", "seed") if hasattr(sketch, k)}},
+        "steps": user.steps,
+        "data": {"batches": len(user.batches), "fingerprint": batch_fingerprint(list(user.batches))},
+    }
+    common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=args.split,
+                  progress=args.progress, config=run, verify=not args.no_verify)
+    return _write_store(args, fn, list(user.batches), common)
 
 
 def _under_torchrun(args: argparse.Namespace) -> bool:
@@ -461,12 +534,18 @@ def register(subparsers) -> None:
     src = f.add_argument_group("model and data")
     from .backends import backend_names
 
-    src.add_argument("--backend", choices=backend_names(), default="numpy",
+    src.add_argument("--backend", choices=backend_names(), default=None,
                      help="numpy: the float64 NumPy reference looped transformer; torch: sdi_torch.models.LoopedGPT "
-                     "with sdi_torch.Attributor (backends with a store featurizer; see `sdi --help`)")
+                     "with sdi_torch.Attributor (backends with a store featurizer; see `sdi --help`) (default: numpy, or torch "
+                     "for --model pkg.module:factory)")
     src.add_argument("--demo", choices=sorted(DEMO_SPLITS),
                      help="use the built-in tiny model and random data of this split instead of --model/--checkpoint/--data")
-    src.add_argument("--model", help="JSON file of LoopedConfig fields (vocab_size, d_model, n_heads, tau, ...)")
+    src.add_argument("--model", help="pkg.module:factory, a function returning your model, loss, loop and batches "
+                     "(sdi_core.app.user_model.UserModel; the working directory is searched first); or a JSON file "
+                     "of LoopedConfig fields (vocab_size, d_model, n_heads, tau, ...) for the built-in model")
+    src.add_argument("--config", metavar="FILE.toml",
+                     help="TOML file of these options (keys: the long options, e.g. model, out, sketch_dim, "
+                     "checkpoint, summed); options on the command line win")
     src.add_argument("--checkpoint", action="append", metavar="WEIGHTS.npz",
                      help="canonical weights (name -> array); repeat for several checkpoints")
     src.add_argument("--eta", action="append", type=_positive_float, metavar="ETA",
@@ -481,7 +560,7 @@ def register(subparsers) -> None:
                     help="store features summed over loop steps (enough for train stores scored by query step)")
     sk.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype on disk")
     out = f.add_argument_group("store")
-    out.add_argument("--out", required=True, metavar="STORE",
+    out.add_argument("--out", metavar="STORE",
                      help="store directory (created; resumed when it holds a store of the same run; a non-empty folder "
                      "that is not a store is refused)")
     out.add_argument("--split", default=None, help="label kept in the metadata (default: the --demo split)")
@@ -501,6 +580,7 @@ def register(subparsers) -> None:
                      help="model dtype (--backend torch)")
     out.add_argument("--progress", action="store_true", help="show a progress bar")
     f.set_defaults(func=run_featurize)
+    f.set_defaults(parser_defaults={a.dest: a.default for a in f._actions if a.dest != "help"})
 
     s = subparsers.add_parser(
         "score",
