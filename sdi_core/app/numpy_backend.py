@@ -10,6 +10,7 @@ core's sketch engine.  ``sdi demo --backend numpy`` needs NumPy, SciPy and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ def _use_batch_gradient(use: FactorUse, shape: tuple[int, ...]) -> np.ndarray:
     elif use.kind == "scale":
         out[lo:hi] = (a * g).sum(axis=(0, 1))
     elif use.kind == "linear":
-        out[lo:hi] = np.tensordot(g, a.astype(np.float64), axes=([0, 1], [0, 1]))  # sum_{b,t} g a^T
+        gm = np.ascontiguousarray(g.reshape(-1, g.shape[-1]))
+        am = np.ascontiguousarray(a.reshape(-1, a.shape[-1]), dtype=np.float64)
+        out[lo:hi] = gm.T @ am  # sum_{b,t} g a^T
     elif use.kind == "embedding":
         ids = (a if a.ndim == 2 else a[:, None]).reshape(-1)
         rows = g.reshape(-1, g.shape[-1])
@@ -196,6 +199,21 @@ def _store_featurizer(config, checkpoints, sketch, data, *, groups, tau, summed,
     return numpy_reference_featurizer(config, checkpoints, sketch, data, groups=groups, tau=tau, summed=summed)
 
 
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Limit NumPy's BLAS to ``n`` threads while the block runs (threadpoolctl; unchanged without it)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    if n is None:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
 BACKEND = Backend(
     name="numpy",
     description="the float64 NumPy reference looped transformer (hand-written backward, NumPy AdamW); no framework",
@@ -206,4 +224,5 @@ BACKEND = Backend(
     load_checkpoint=load_checkpoint,
     conformance="sdi_conformance.numpy_backend:backend",
     store_featurizer=_store_featurizer,
+    threads=threads,
 )
