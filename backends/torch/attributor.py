@@ -80,6 +80,13 @@ class Attributor:
             example; other leaves are passed to both runs unchanged.  Default
             (None): on, except with ``train_mode=True``, where dropout makes
             the two runs differ by chance.
+        fallback: what to do with a use of a selected parameter that has no
+            factor form (an ``einsum`` that is no linear map, ``F.batch_norm``
+            with its affine weight, ``x / w``, any other torch function):
+            ``"dense"`` (default) takes its exact per-example gradient with
+            ``torch.func`` (a ``vmap`` of a ``vjp`` over that call; costs one
+            more pass through the call, and ``B x numel`` memory for that
+            parameter); ``"error"`` refuses, naming the parameter and the op.
 
     Attributes:
         selection: the resolved parameters (``.infos``: ``ParamInfo`` list).
@@ -112,6 +119,7 @@ class Attributor:
         progress: bool = True,
         fast_path: bool = True,
         check_rows: bool | None = None,
+        fallback: str = "dense",
     ) -> None:
         if not callable(loss_fn):
             raise SDIError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {type(loss_fn).__name__}.")
@@ -124,6 +132,9 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.fast = bool(fast_path)
+        if fallback not in ("dense", "error"):
+            raise SDIError(f"fallback must be 'dense' or 'error', got {fallback!r}.")
+        self.fallback = fallback
         self.check_rows = (not self.train_mode) if check_rows is None else bool(check_rows)
         self.engine = SketchEngine(self.plan, method="auto" if self.fast else "portable")
         self._weights_id = None
@@ -256,11 +267,13 @@ class _CaptureSession(ModelSession):
         self.attr = attr
         self._capture: FactorCapture | None = None
         self._rows_checked: set = set()
+        self._coverage = None
 
     def __enter__(self):
         super().__enter__()
         try:
-            self._capture = FactorCapture(self.model, self.attr.selection, batch_size=self.attr.batch_size).__enter__()
+            self._capture = FactorCapture(self.model, self.attr.selection, batch_size=self.attr.batch_size,
+                                          fallback=self.attr.fallback).__enter__()
         except BaseException:
             super().__exit__()
             raise
@@ -302,6 +315,8 @@ class _CaptureSession(ModelSession):
             box["state"] = engine.update(box["state"], use)
 
         res = self._capture.run(self.attr.loss_fn, batch, on_use, on_loss)
+        cov = res["coverage"]
+        self._coverage = cov if self._coverage is None else self._coverage.merge(cov)
         return engine.finalize(box["state"]), res["steps"], box["n"]
 
     def _check_rows(self, batch, data, steps, n, summed) -> None:
@@ -338,7 +353,16 @@ class _CaptureSession(ModelSession):
                     )
 
     def meta(self) -> dict:
-        return {"backend": self.backend, "routes": self.attr.engine.routes()}
+        cov = self._coverage
+        if cov is not None and cov.unused:
+            warnings.warn(
+                f"Selected parameter(s) {cov.unused[:8]}{' ...' if len(cov.unused) > 8 else ''} are never used "
+                "with gradients enabled in the forward pass; their features are zero. Leave them out of the "
+                "selection (select parameters or submodules instead of the whole module) if that is not meant. "
+                "Features.meta['coverage'].describe() shows what was captured.",
+                stacklevel=4,
+            )
+        return {"backend": self.backend, "routes": self.attr.engine.routes(), "coverage": cov}
 
 
 def _shape_signature(batch) -> tuple:

@@ -52,8 +52,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from sdi_core import FactorUse, SDIError
+from sdi_core.coverage import Coverage
 
 from . import example_axis as ex
 from .selection import LOOP, Selection
@@ -172,6 +174,9 @@ _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 # Phases in which the example axis is followed: the forward pass, and the forward recomputed by activation
 # checkpointing during backward (which must run the same operations, and records no uses).
 _TRACKING = ("forward", "recompute")
+# Record kinds in the coverage report's vocabulary (sdi_core.coverage.KINDS).
+_COVERAGE_KIND = {"linear": "linear", "bias": "bias", "scale": "scale", "embedding": "embedding",
+                  "dense-add": "dense", "dense-mul": "dense", "dense-fallback": "dense"}
 
 
 def infer_batch_size(batch) -> int | None:
@@ -222,6 +227,7 @@ class BatchCapture:
 
     def __init__(self, owner: "FactorCapture", batch, on_use: Callable[[FactorUse], None], batch_size: int | None):
         self.owner = owner
+        self.fallback = owner.fallback
         self.sel = owner.selection
         self.on_use = on_use
         self.batch_hint = batch_size if batch_size is not None else infer_batch_size(batch)
@@ -246,6 +252,7 @@ class BatchCapture:
         self.replayed: tuple[str, str] | None = None
         self.emitted = 0
         self.leaked: str | None = None
+        self.coverage = Coverage(groups={p.name: p.group for p in self.sel.infos})
         self.input_prov: dict = {}  # storage key -> Prov of the loop calls' inputs (checkpoint recomputation)
 
     # ------------------------------------------------------------ bookkeeping
@@ -382,8 +389,9 @@ class BatchCapture:
             f"Parameter {v.name!r}{extra} is used in the operation {opname!r}, which the SDI capture does not "
             "understand, so its per-example gradient cannot be captured exactly. Supported uses: F.linear / "
             "matmul / addmm on the weight, its transpose or row slices; F.embedding; F.layer_norm; F.rms_norm; "
-            "nn.MultiheadAttention; x * w, x + b. Rewrite the use in one of these forms, or leave the "
-            "parameter out of the selection."
+            "nn.MultiheadAttention; einsum that is a linear map; x * w, x + b; with fallback='dense' (the "
+            "default) any other torch function whose other inputs hold the examples on an axis of their own. "
+            "Rewrite the use in one of these forms, or leave the parameter out of the selection."
         )
 
     def _step(self, name: str, opname: str) -> int:
@@ -410,6 +418,7 @@ class BatchCapture:
         if v.bad:
             raise self._unsupported(v, opname)
         rec = _Record(v.name, self._step(v.name, opname), kind, self.n_uses, opname, **kw)
+        self.coverage.add(v.name, rec.step, _COVERAGE_KIND[kind])
         src = rec.act if isinstance(rec.act, torch.Tensor) else getattr(rec.act, "source", None)
         if isinstance(src, torch.Tensor):
             rec.source, rec.version = src, src._version
@@ -528,7 +537,53 @@ class BatchCapture:
             return self._elementwise(func, args, kwargs, opname)
         if opname in _SHAPE_ONLY or self._differentiable(func, args, kwargs) is False:
             return func(*args, **kwargs)  # sizes, comparisons, zeros_like: no gradient reaches the parameter
-        raise self._unsupported(views[0], opname)
+        return self.dense_use(func, args, kwargs, views, opname)
+
+    def dense_use(self, func, args, kwargs, views, opname):
+        """A use the capture has no factor form for: its exact per-example gradient, by ``torch.func``.
+
+        The call runs natively now; when its output's gradient arrives, the gradient with respect to each
+        selected parameter in it is taken per example (``vmap`` of a ``vjp`` over the tracked example axes),
+        which is exact and costs one more pass through this call per use.  ``fallback="error"`` refuses instead.
+        """
+        if self.fallback != "dense":
+            raise self._unsupported(views[0], opname)
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not torch.is_floating_point(out):
+            raise self._unsupported(views[0], opname)
+        flat, spec = tree_flatten((args, kwargs))
+        params, batch_dims = [], {}
+        for i, x in enumerate(flat):
+            if not isinstance(x, torch.Tensor):
+                continue
+            v = self._view_of(x)
+            if v is not None:
+                if v.bad:
+                    raise self._unsupported(v, opname)
+                params.append((i, v))
+                continue
+            p = self.prov(x)
+            if p is None:
+                continue
+            if not (isinstance(p, ex.Axis) and p.outer == 1 and p.inner == 1):
+                raise self._fail(views[0], opname, f"an exact per-example gradient needs each input's examples on "
+                                 f"an axis of their own, but an input of shape {tuple(x.shape)} has them "
+                                 f"{p.describe()}.")
+            batch_dims[i] = p.dim
+        if not batch_dims:
+            raise self._fail(views[0], opname, "no other operand depends on the batch: this builds a derived "
+                             "parameter tensor, which SDI cannot attribute through. Apply the operation to the "
+                             "activations instead, or leave the parameter out of the selection.")
+        prov = self.call_prov(opname, args, kwargs, [out])[0]
+        if isinstance(prov, ex.Axis) and (prov.outer != 1 or prov.inner != 1):
+            prov = ex.Lost(opname, "its output merges the example axis with another")
+        recs = []
+        for i, v in params:
+            rec = self._record(v, "dense-fallback", opname, stored=v.stored)
+            if rec is not None:  # None in a checkpoint's recomputation
+                rec.act = _DenseCall(func, flat, spec, i, v, batch_dims, self.sel.params[v.name])
+            recs.append(rec)
+        return self._finish(out, recs, [flat[i] for i in batch_dims], opname, prov)
 
     def _differentiable(self, func, args, kwargs) -> bool:
         """Whether ``func``'s outputs depend differentiably on the selected parameters among its arguments."""
@@ -717,7 +772,7 @@ class BatchCapture:
                 raise self._unsupported(v, opname)
             return self._derive(v, out, coef=coef)
         if not isinstance(other, torch.Tensor) or div:
-            raise self._unsupported(v, opname)
+            return self.dense_use(func, args, kwargs, [v], opname)
         if not self._carries(other) and not other.requires_grad:
             raise self._fail(v, opname, "the other operand does not depend on the batch: this builds a derived "
                              "parameter tensor, which SDI cannot attribute through. Apply the operation to the "
@@ -773,6 +828,10 @@ class BatchCapture:
             ids, rec.act = rec.act, None
             use = FactorUse(rec.name, rec.step, "embedding", self._ids(ids, rec), self._rows(g, rec, "gradient"),
                             rec.use_index, ignore_index=rec.ignore_index)
+        elif rec.kind == "dense-fallback":
+            call, rec.act = rec.act, None
+            use = FactorUse(rec.name, rec.step, "dense", None, call.per_example_grad(g, rec.out_prov, B),
+                            rec.use_index)
         else:  # dense-add / dense-mul: an N-D parameter broadcast along leading axes
             act, rec.act = rec.act, None
             contrib = g if rec.kind == "dense-add" else g * act
@@ -864,6 +923,53 @@ class _Recompute:
     def __call__(self):
         with torch.no_grad():
             return self.fn(self.source.detach())
+
+
+class _DenseCall:
+    """One call of a use without a factor form, kept until its output's gradient arrives."""
+
+    __slots__ = ("func", "flat", "spec", "pos", "view", "batch_dims", "param")
+
+    def __init__(self, func, flat, spec, pos, view, batch_dims, param):
+        self.func, self.flat, self.spec, self.pos = func, flat, spec, pos
+        self.view, self.batch_dims, self.param = view, batch_dims, param
+
+    def _rebuild(self, p: torch.Tensor) -> torch.Tensor:
+        v = self.view
+        t = p
+        if v.rows is not None:
+            t = t[v.rows[0]:v.rows[1]]
+        if v.transposed:
+            t = t.T
+        if v.coef != 1.0:
+            t = t * v.coef
+        t = t.to(v.tensor.dtype)
+        return t if tuple(t.shape) == tuple(v.tensor.shape) else t.expand(v.tensor.shape)
+
+    def per_example_grad(self, g: torch.Tensor, out_prov, B: int) -> torch.Tensor:
+        """``[B, *param.shape]``: the gradient of each example's output, contracted with ``g``, w.r.t. the parameter."""
+        from torch.func import vjp, vmap
+
+        od = out_prov.dim
+        order = list(self.batch_dims)
+        func, flat, spec, pos = self.func, self.flat, self.spec, self.pos
+
+        def one(g_b, *xs_b):
+            def f(p):
+                args = list(flat)
+                for i, x in zip(order, xs_b):
+                    args[i] = x.unsqueeze(self.batch_dims[i])  # each example as a batch of one
+                args[pos] = self._rebuild(p)
+                a, k = tree_unflatten(args, spec)
+                return func(*a, **k).squeeze(od)
+
+            _, pull = vjp(f, self.param.detach())
+            return pull(g_b)[0]
+
+        with torch.enable_grad():
+            per = vmap(one, in_dims=(od, *[self.batch_dims[i] for i in order]))(g, *[flat[i] for i in order])
+        self.flat = None
+        return per
 
 
 class _Recomputation:
@@ -1084,6 +1190,44 @@ def _bind(names, args, kwargs) -> dict:
     return out
 
 
+def _h_einsum(st: BatchCapture, func, args, kwargs, opname):
+    """``einsum`` with a 2-D weight that is a linear map of one other operand: a linear use; else the fallback."""
+    eq = args[0] if args and isinstance(args[0], str) else None
+    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    views = st._find_views(args, kwargs)
+    if eq is None or kwargs or len(ops) != 2 or len(views) != 1:
+        return st.dense_use(func, args, kwargs, views, opname)
+    wi = 0 if st._view_of(ops[0]) is not None else 1
+    w, x = ops[wi], ops[1 - wi]
+    wv = st._view_of(w)
+    if not isinstance(x, torch.Tensor) or w.ndim != 2 or wv.lead:
+        return st.dense_use(func, args, kwargs, views, opname)
+    terms, rhs = ex.parse_einsum(eq, [o.ndim for o in ops])
+    wt, xt = terms[wi], terms[1 - wi]
+    # a linear map: one weight letter contracted with x, the other one new in the output, x's rest kept once each
+    if len(set(wt)) != 2 or len(set(xt)) != len(xt) or len(set(rhs)) != len(rhs):
+        return st.dense_use(func, args, kwargs, views, opname)
+    c = [ch for ch in wt if ch in xt and ch not in rhs]
+    f = [ch for ch in wt if ch not in xt and ch in rhs]
+    keep = [ch for ch in xt if ch not in c]
+    if len(c) != 1 or len(f) != 1 or sorted(keep + f) != sorted(rhs):
+        return st.dense_use(func, args, kwargs, views, opname)
+    c, f = c[0], f[0]
+    # x permuted to [..keep, c]; W as F.linear's [f, c] (its transpose when the weight is written "cf")
+    xp = x.permute([xt.index(ch) for ch in keep] + [xt.index(c)])
+    st._mark(xp, st.call_prov("permute", (x, [xt.index(ch) for ch in keep] + [xt.index(c)]), {}, [xp])[0])
+    if wt.index(f) == 0:
+        y = st._linear_use(xp, w, None, opname)
+    else:
+        y = st._linear_use(xp, w, None, opname, out=F.linear(xp, w.T), transposed_extra=True)
+    order = keep + [f]
+    perm = [order.index(ch) for ch in rhs]
+    out = y.permute(perm)
+    if st.phase in _TRACKING:
+        st._mark(out, st.call_prov("permute", (y, perm), {}, [out])[0])
+    return out
+
+
 _HANDLERS: dict = {}
 _HANDLERS_BY_NAME: dict = {}
 
@@ -1107,6 +1251,7 @@ def _register():
     if hasattr(F, "rms_norm"):
         put(F.rms_norm, _h_norm)
     put(F.multi_head_attention_forward, _h_mha)
+    put(torch.einsum, _h_einsum)
 
 
 _register()
@@ -1123,7 +1268,12 @@ class FactorCapture:
     on error) both are restored.
     """
 
-    def __init__(self, model: nn.Module, selection: Selection, *, batch_size: Callable | int | None = None):
+    def __init__(self, model: nn.Module, selection: Selection, *, batch_size: Callable | int | None = None,
+                 fallback: str = "dense"):
+        if fallback not in ("dense", "error"):
+            raise SDIError(f"fallback must be 'dense' (an exact per-example gradient for uses without a factor "
+                           f"form) or 'error', got {fallback!r}.")
+        self.fallback = fallback
         self.model = model
         self.selection = selection
         self.batch_size = batch_size
@@ -1307,7 +1457,11 @@ class FactorCapture:
                         "create such views inside forward."
                     )
             self._check_unused(st)
-            return {"loss": loss.detach(), "steps": steps, "uses": st.emitted}
+            cov = st.coverage
+            cov.steps_run = dict(steps)
+            cov.steps_with_grad = {g: len({s for p, per in cov.uses.items() if cov.groups[p] == g
+                                           for s, k in per.items() if sum(k.values())}) for g in steps}
+            return {"loss": loss.detach(), "steps": steps, "uses": st.emitted, "coverage": cov}
         finally:
             st.phase = "done"
             for h in st.handles:
@@ -1329,13 +1483,7 @@ class FactorCapture:
             )
 
     def _check_unused(self, st: BatchCapture) -> None:
-        unused = [n for n in self.selection.params if st.use_count[n] == 0]
-        if unused:
-            raise SDIError(
-                f"Selected parameter(s) {unused[:8]}{' ...' if len(unused) > 8 else ''} are never used (with "
-                "gradients enabled) in the forward pass of this batch. Leave them out of the selection (select "
-                "parameters or submodules instead of the whole module)."
-            )
+        """Unused parameters are reported by the coverage (Features.meta["coverage"]) and a warning."""
 
     def _steps(self, st: BatchCapture) -> dict[str, int]:
         sel = self.selection
