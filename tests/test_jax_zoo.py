@@ -227,3 +227,23 @@ def test_equinox_patterns(how, B=4, T=6):
     got, attr = assert_exact(loss, untied, params, lambda p: p.block, batch_of(B, T))
     if how == "stop_gradient_prefix":
         assert float(np.abs(np.asarray(got.data[0]["loop"])[:, 0]).max()) == 0.0
+
+
+def test_coverage_report_has_the_torch_structure():
+    model = EqxModel(jax.random.PRNGKey(0))
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def loss(p, b):
+        return xent(eqx_logits(eqx.combine(p, static), b["x"]), b["y"])
+
+    attr = sdi_jax.Attributor(loss, loop=lambda p: p.block, sketch=sdi_core.Exact(), progress=False,
+                              extra={"coda": lambda p: p.head})
+    got = attr.featurize([batch_of(4, 6)], [sdi_core.Checkpoint(params)])
+    cov = got.meta["coverage"]
+    assert isinstance(cov, sdi_core.Coverage)
+    assert cov.steps_run == {"loop": TAU, "coda": 1} and cov.steps_with_grad == {"loop": TAU, "coda": 1}
+    assert cov.uses["block.fc.weight"] == {s: {"linear": 1} for s in range(TAU)}
+    assert cov.uses["block.ln.weight"] == {s: {"scale": 1} for s in range(TAU)}
+    assert cov.uses["head.bias"] == {0: {"bias": 1}}
+    assert cov.unused == []
+    assert "block.fc.weight: linear x3; steps 0-2; 1 use(s) per step" in cov.describe()

@@ -44,6 +44,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from sdi_core.coverage import Coverage
 from sdi_core.factors import ParamInfo, SDIError
 
 __all__ = [
@@ -564,6 +565,28 @@ class CapturePlan:
     def sites_of(self, name: str) -> list:
         leaf = self.leaf_index[name]
         return [s for s in self.sites if s.leaf == leaf]
+
+    def coverage(self) -> Coverage:
+        """What this capture covers, in the backends' shared :class:`sdi_core.Coverage` form.
+
+        Every use found in the jaxpr counts, one per step slot it covers (a site inside the loop's
+        ``lax.scan`` covers all its iterations).  ``steps_with_grad`` counts step slots with a use: a
+        ``stop_gradient`` prefix still has its uses (the jaxpr cannot say that no gradient arrives; its
+        features are zero).
+        """
+        cov = Coverage(groups={p.name: p.group for p in self.params})
+        names = {leaf: name for name, leaf in self.leaf_index.items()}
+        for site in self.sites:
+            if site.leaf not in names:
+                continue
+            stack = site.stack
+            steps = range(site.step_offset, site.step_offset + stack[0]) if site.step_axis else (site.step,)
+            for st in steps:
+                cov.add(names[site.leaf], st, site.kind)
+        cov.steps_run = dict(self.steps)
+        cov.steps_with_grad = {g: len({st for p, per in cov.uses.items() if cov.groups[p] == g for st in per})
+                               for g in self.steps}
+        return cov
 
     def describe(self) -> str:
         """A short human-readable account of the capture (sites per parameter and kind)."""
