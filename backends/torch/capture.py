@@ -1483,7 +1483,17 @@ class FactorCapture:
             )
 
     def _check_unused(self, st: BatchCapture) -> None:
-        """Unused parameters are reported by the coverage (Features.meta["coverage"]) and a warning."""
+        """A group none of whose parameters is used is a selection mistake; one unused parameter in a used
+        group is not (its features are zero): the coverage reports it and the Attributor warns."""
+        for group in self.selection.groups:
+            names = self.selection.names_in(group)
+            if names and all(st.use_count[n] == 0 for n in names):
+                raise SDIError(
+                    f"None of the selected parameters of group {group!r} ({names[:8]}"
+                    f"{' ...' if len(names) > 8 else ''}) is used (with gradients enabled) in the forward pass "
+                    "of this batch. Leave them out of the selection, or check that loss_fn runs the part of the "
+                    "model they belong to."
+                )
 
     def _steps(self, st: BatchCapture) -> dict[str, int]:
         sel = self.selection
