@@ -98,7 +98,7 @@ def measure(args, what: str) -> dict:
             return models.per_example_loss(p, b, cfg, scan=scan)
 
         grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b).sum()))
-        attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"], extra=extra, sketch=sketch, progress=False)
+        attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"], groups=extra, sketch=sketch, progress=False)
         cands = {
             "fwd_bwd": lambda: jax.block_until_ready(grad_fn(params, batch)),
             "featurize": lambda: jax.block_until_ready(attr.featurize_batch(params, batch)),

@@ -220,7 +220,7 @@ def main(argv=None):
     common.set_torch_threads(args.threads)
     from sdi_core import CheckpointInfo, Exact, SketchPlan, TensorSketch
     from sdi_core.reference.looped_transformer import param_infos
-    from sdi_core.tasks import get_task
+    from sdi_core.app.tasks import get_task
 
     t_start = time.perf_counter()
     task = get_task("parity", min_len=2, max_len=args.max_len)

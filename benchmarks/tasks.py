@@ -2,7 +2,7 @@
 
 Each (task, seed) trains in its own process with one torch thread (the demo
 models are too small to gain from more), as ``sdi run --task TASK --seed S``
-trains them (``sdi_core.cli_demo.train_task_model``).  Accuracy does not
+trains them (``sdi_core.app.cli_demo.train_task_model``).  Accuracy does not
 depend on machine load; times do, so each run records the load average
 before and after and is marked invalid above 0.5.
 
@@ -33,7 +33,7 @@ def train_one(task: str, seed: int, quick: bool) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from sdi_core.cli_demo import resolve_settings, train_task_model
+    from sdi_core.app.cli_demo import resolve_settings, train_task_model
 
     settings = resolve_settings(task, "small" if quick else "default", seed=seed, quiet=True)
     before = common.load_snapshot(probe_s=1.0)

@@ -1,4 +1,5 @@
-"""pytest plugin: ``pytest --sdi-backend pkg.module:attr`` (or ``SDI_CONFORMANCE_BACKEND``) runs the suite.
+"""pytest plugin: ``pytest --sdi-backend pkg.module:attr`` or ``--sdi-backend torch`` (a registered name;
+or ``SDI_CONFORMANCE_BACKEND``) runs the suite.
 
 Registered as a ``pytest11`` entry point, so it is loaded in every pytest run
 of an environment where ``sdi`` is installed; it is inert unless a backend is
@@ -35,8 +36,9 @@ def pytest_addoption(parser) -> None:
         "--sdi-backend",
         action="store",
         default=None,
-        metavar="PKG.MODULE:ATTR",
-        help=f"run the sdi_conformance checks on this backend (default: ${ENV_VAR}; none: plugin inert)",
+        metavar="PKG.MODULE:ATTR|NAME",
+        help=f"run the sdi_conformance checks on this backend: pkg.module:attr, or a name registered under the "
+        f"sdi.backends entry points (torch, jax, numpy) (default: ${ENV_VAR}; none: plugin inert)",
     )
     group.addoption(
         "--sdi-xfail",

@@ -50,7 +50,9 @@ class CheckResult:
 
 
 def load_backend(spec: Any) -> Any:
-    """The backend named by ``"pkg.module:attr"`` (or a backend object, returned as is).
+    """The backend named by ``"pkg.module:attr"``, by a name registered under the ``sdi.backends``
+    entry points (``"torch"``, ``"jax"``, ``"numpy"``: their conformance backend), or a backend object
+    (returned as is).
 
     A class is instantiated with no arguments.  Unknown modules or attributes,
     and objects that do not implement the protocol, raise :class:`SDIError`
@@ -60,6 +62,8 @@ def load_backend(spec: Any) -> Any:
         backend = spec
         where = type(spec).__name__
     else:
+        if ":" not in spec and spec.isidentifier():
+            spec = _registered(spec)
         module_name, sep, attr = spec.partition(":")
         if not sep or not module_name or not attr:
             raise SDIError(
@@ -82,6 +86,20 @@ def load_backend(spec: Any) -> Any:
         backend = backend()
     validate_backend(backend, where)
     return backend
+
+
+def _registered(name: str) -> str:
+    """``pkg.module:attr`` of the conformance backend of the ``sdi.backends`` entry ``name``."""
+    from sdi_core.app.backends import backend_names, get_backend
+
+    try:
+        app_backend = get_backend(name)
+    except SDIError as exc:
+        raise SDIError(f"Backend {name!r} is neither 'package.module:attribute' nor a registered backend: {exc}") from None
+    if not app_backend.conformance:
+        raise SDIError(f"Registered backend {name!r} names no conformance backend (Backend.conformance); pass "
+                       f"'package.module:attribute' instead. Registered: {', '.join(backend_names())}.")
+    return app_backend.conformance
 
 
 def check_xfail_keys(xfail: Mapping[str, str] | None, ids: Sequence[str]) -> dict[str, str]:

@@ -215,7 +215,7 @@ def test_mixing_array_libraries_raises():
 
 def test_import_sdi_core_imports_no_framework():
     code = (
-        "import sys, sdi_core, sdi_core.reference, sdi_core.cli; "
+        "import sys, sdi_core, sdi_core.reference, sdi_core.app.cli; "
         "bad = [m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules]; "
         "assert not bad, bad"
     )

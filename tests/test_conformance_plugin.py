@@ -104,3 +104,24 @@ def test_import_sdi_conformance_imports_no_framework(tmp_path):
     )
     rc, out = _run(["-c", code], tmp_path)
     assert rc == 0, f"importing sdi_conformance pulled in a framework: {out}"
+
+
+def test_plugin_takes_a_registered_backend_name(project):
+    """`--sdi-backend numpy` resolves through the sdi.backends entry points to the NumPy conformance backend."""
+    rc, out = _pytest(project, "--sdi-backend", "numpy", "-m", "sdi_conformance", "-k", "check_factor_stream")
+    assert rc == 0, out
+    assert "sdi-conformance: backend numpy-reference" in out and "5 passed" in out, out
+
+
+def test_registered_names_resolve_to_each_frameworks_conformance_backend():
+    from sdi_conformance.runner import _registered
+
+    assert _registered("numpy") == "sdi_conformance.numpy_backend:backend"
+    assert _registered("torch") == "sdi_torch.conformance:backend"
+    assert _registered("jax") == "sdi_jax.conformance:backend"
+
+
+def test_plugin_refuses_an_unregistered_name_listing_the_installed(project):
+    rc, out = _pytest(project, "--sdi-backend", "tensorflow")
+    assert rc == 4, out
+    assert "neither 'package.module:attribute' nor a registered backend" in out and "numpy" in out, out

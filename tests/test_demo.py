@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from sdi_core import SDIError
-from sdi_core.cli import main
-from sdi_core.cli_demo import BUDGETS, TASK_PRESETS, RunSettings, resolve_settings, training_targets
-from sdi_core.tasks import get_task
+from sdi_core.app.cli import main
+from sdi_core.app.cli_demo import BUDGETS, TASK_PRESETS, RunSettings, resolve_settings, training_targets
+from sdi_core.app.tasks import get_task
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -104,7 +104,7 @@ def test_presets_are_valid():
 
 @pytest.mark.parametrize("command", ["demo", "run"])
 def test_help_documents_every_option(command, capsys):
-    from sdi_core.cli import build_parser
+    from sdi_core.app.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]

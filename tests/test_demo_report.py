@@ -1,4 +1,4 @@
-"""sdi_core.report: the numbers against NumPy references, and the report folder from synthetic data."""
+"""sdi_core.app.report: the numbers against NumPy references, and the report folder from synthetic data."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdi_core import SDIError
-from sdi_core.report import (
+from sdi_core.app.report import (
     ExactComparison,
     Extrapolation,
     ReportData,
@@ -185,6 +185,6 @@ def test_write_report_parity_without_optional_parts(tmp_path):
 
 
 def test_import_does_not_pull_matplotlib():
-    code = "import sys, sdi_core, sdi_core.report, sdi_core.cli_demo; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, sdi_core, sdi_core.app.report, sdi_core.app.cli_demo; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False"], f"importing sdi_core.report / cli_demo imported matplotlib/torch: {out}"
+    assert out == ["False", "False"], f"importing sdi_core.app.report / cli_demo imported matplotlib/torch: {out}"

@@ -64,7 +64,7 @@ def canonical(jax_x64):
 @pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["unrolled", "scan"])
 def test_exact_trajectories_equal_untied_vmap_grad(canonical, scan):
     attr = sdi_jax.Attributor(lambda p, b: models.per_example_loss(p, b, CFG, scan=scan), loop=lambda p: p["block"],
-                              extra=EXTRA, sketch=sdi_core.Exact(), progress=False,
+                              groups=EXTRA, sketch=sdi_core.Exact(), progress=False,
                               check_rows=False)  # rows: test_examples_that_interact_are_an_error
     train = attr.featurize(canonical["train"], canonical["ckpts"])
     query = attr.featurize(canonical["query"], canonical["ckpts"])
@@ -101,7 +101,7 @@ SKETCH = sdi_core.TensorSketch(dim=32, seed=3)
 @pytest.fixture(scope="module")
 def sketched(canonical):
     attr = sdi_jax.Attributor(lambda p, b: models.per_example_loss(p, b, CFG), loop=lambda p: p["block"],
-                              extra=EXTRA, sketch=SKETCH, progress=False, check_rows=False)
+                              groups=EXTRA, sketch=SKETCH, progress=False, check_rows=False)
     return attr, attr.featurize(canonical["train"], canonical["ckpts"])
 
 
@@ -140,7 +140,7 @@ def test_route_choice_does_not_change_features(canonical, sketched):
     """FFT and exact-then-hash routes give the same features (the capture hands both the same factors)."""
     _, feats = sketched
     attr = sdi_jax.Attributor(lambda p, b: models.per_example_loss(p, b, CFG), loop=lambda p: p["block"],
-                              extra=EXTRA, sketch=sdi_core.TensorSketch(dim=32, seed=3, route="fft"), progress=False,
+                              groups=EXTRA, sketch=sdi_core.TensorSketch(dim=32, seed=3, route="fft"), progress=False,
                               check_rows=False)
     fft = attr.featurize(canonical["train"], canonical["ckpts"])
     _assert_features_close(fft, feats, 1e-10, "route='fft' vs route='auto'")
@@ -272,7 +272,7 @@ def test_selector_errors(jax_x64):
     with pytest.raises(SDIError, match=r"never used by loss_fn: \['block\.unused'\]"):
         _toy_attr().featurize([batch], [Checkpoint(unused)])
     with pytest.raises(SDIError, match=r"both the 'loop' and the 'coda'"):
-        _toy_attr(extra={"coda": lambda p: p["block"]["b"]}).featurize([batch], ck)
+        _toy_attr(groups={"coda": lambda p: p["block"]["b"]}).featurize([batch], ck)
 
 
 def test_loop_leaves_used_different_numbers_of_times(jax_x64):
@@ -360,7 +360,7 @@ def _toy_loss_tau(tau):
 def test_query_loop_count_may_differ_and_jax_features_score_directly(jax_x64):
     """Train at tau=2, query at tau=4; influence on the jax arrays themselves conserves TracIn."""
     ck = [Checkpoint(_toy_params(), eta=0.5, name="c")]
-    kw = dict(loop=lambda p: p["block"], extra={"coda": lambda p: p["head"]},
+    kw = dict(loop=lambda p: p["block"], groups={"coda": lambda p: p["head"]},
               sketch=sdi_core.TensorSketch(dim=8, seed=0), progress=False)
     train = sdi_jax.Attributor(_toy_loss_tau(2), **kw).featurize([_toy_batch(0)], ck)
     query = sdi_jax.Attributor(_toy_loss_tau(4), **kw).featurize([_toy_batch(1, b=3)], ck)

@@ -54,7 +54,7 @@ def captured(request, jax_x64):
     params = models.params_from_numpy(weights, CFG)
     batch = _batch()
     attr = sdi_jax.Attributor(lambda p, b: models.per_example_loss(p, b, CFG, scan=scan), loop=lambda p: p["block"],
-                              extra=EXTRA, sketch=sdi_core.Exact(), progress=False)
+                              groups=EXTRA, sketch=sdi_core.Exact(), progress=False)
     loss, uses = attr.factors(params, batch)
     ref_loss, ref_uses = ref.loss_and_factors(weights, CFG, batch)
     return {"scan": scan, "weights": weights, "params": params, "batch": batch, "attr": attr, "loss": loss,
@@ -274,7 +274,7 @@ KERNELS = ("emb.w", "block.w1", "block.w2", "head.w")
 
 
 def _check_against_untied(loss_fn, untied, params, batch, *, tau=TAU, extra=GROUPS, transposed=KERNELS, **attr_kw):
-    attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"], extra=extra, sketch=sdi_core.Exact(),
+    attr = sdi_jax.Attributor(loss_fn, loop=lambda p: p["block"], groups=extra, sketch=sdi_core.Exact(),
                               progress=False, **attr_kw)
     loss, uses = attr.factors(params, batch)
     cap = attr.capture_plan(params, batch)

@@ -492,8 +492,8 @@ def test_shards_of_rank_partition_the_shards():
 
 
 def test_store_scoring_and_cli_import_no_framework():
-    code = ("import sys, sdi_core.store, sdi_core.scoring, sdi_core.cli_store, sdi_core.cli; "
-            "sdi_core.cli.build_parser(); "
+    code = ("import sys, sdi_core.store, sdi_core.scoring, sdi_core.app.cli_store, sdi_core.app.cli; "
+            "sdi_core.app.cli.build_parser(); "
             "print(sorted(m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -9,8 +9,8 @@ import pytest
 
 import sdi_core
 from sdi_core import TensorSketch
-from sdi_core.cli import build_parser, main
-from sdi_core.cli_store import (
+from sdi_core.app.cli import build_parser, main
+from sdi_core.app.cli_store import (
     demo_data,
     demo_model,
     numpy_reference_featurizer,
@@ -282,7 +282,8 @@ def test_every_differing_setting_is_named_at_once(run_inputs, tmp_path, capsys):
 def test_outputs_are_checked_before_any_work(demo_stores, tmp_path, capsys, monkeypatch):
     import errno
 
-    from sdi_core import _io, cli_store
+    from sdi_core import _io
+    from sdi_core.app import cli_store
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output location was checked")

@@ -34,7 +34,7 @@ _TORCHRUN_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)  # same arithmetic in every process, so stores can be compared bit for bit
     import sdi_core, sdi_torch
     import sdi_torch.distributed as sd
-    from sdi_core.cli_store import demo_data, demo_model
+    from sdi_core.app.cli_store import demo_data, demo_model
     from sdi_core.store import featurize_to_store as single_process_featurize
     from sdi_torch import models
 
@@ -103,7 +103,7 @@ _JAX_SCRIPT = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)  # test configuration, in the test's own process
     import sdi_core, sdi_jax
     import sdi_jax.distributed as jd
-    from sdi_core.cli_store import demo_data, demo_model
+    from sdi_core.app.cli_store import demo_data, demo_model
     from sdi_core.store import featurize_to_store
     from sdi_jax import models
 
@@ -156,18 +156,18 @@ def test_sdi_cli_under_torchrun_matches_one_process(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sdi_torch.attributor")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "-m", "sdi_core.cli"]
+              "-m", "sdi_core.app.cli"]
     common = ["--demo", "query", "--batch-size", "4", "--shard-size", "1", "--summed", "--dtype", "float64",
               "--sketch-dim", "256"]
     env = {"OMP_NUM_THREADS": "1"}
     _run(launch + ["featurize", *common, "--out", str(tmp_path / "two")], env_extra=env)
-    _run([sys.executable, "-m", "sdi_core.cli", "featurize", *common, "--out", str(tmp_path / "one")], env_extra=env)
+    _run([sys.executable, "-m", "sdi_core.app.cli", "featurize", *common, "--out", str(tmp_path / "one")], env_extra=env)
     assert_same_tree(tmp_path / "one", tmp_path / "two")
-    _run([sys.executable, "-m", "sdi_core.cli", "featurize", "--demo", "query", "--dtype", "float64",
+    _run([sys.executable, "-m", "sdi_core.app.cli", "featurize", "--demo", "query", "--dtype", "float64",
           "--sketch-dim", "256", "--out", str(tmp_path / "q")], env_extra=env)
     _run(launch + ["score", str(tmp_path / "two"), str(tmp_path / "q"), "--k", "3", "--out", str(tmp_path / "two.npz"),
                    "--quiet"], env_extra=env)
-    _run([sys.executable, "-m", "sdi_core.cli", "score", str(tmp_path / "one"), str(tmp_path / "q"), "--k", "3",
+    _run([sys.executable, "-m", "sdi_core.app.cli", "score", str(tmp_path / "one"), str(tmp_path / "q"), "--k", "3",
           "--out", str(tmp_path / "one.npz"), "--quiet"], env_extra=env)
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         # Blocks lie on a fixed grid whatever the rank split (sdi_core.scoring), so scores are bit-identical.

@@ -17,7 +17,7 @@ import pytest
 import sdi_core
 from sdi_core import SDIError
 from sdi_core import store as store_mod
-from sdi_core.cli import main
+from sdi_core.app.cli import main
 from sdi_core.scoring import score_store
 from sdi_core.store import FeatureStore, featurize_to_store, finalize_store, open_store, write_features
 from test_store_helpers import ArrayFeaturizer, array_batches, make_features, tree_bytes
@@ -341,7 +341,7 @@ def test_injected_eio_while_reading_is_an_sdierror(tmp_path, monkeypatch):
 _ENOSPC = textwrap.dedent(
     """
     import sys
-    from sdi_core.cli import main
+    from sdi_core.app.cli import main
     sys.exit(main(["featurize", "--demo", "train", "--out", sys.argv[1] + "/store", "--sketch-dim", "2048",
                    "--dtype", "float64", "--shard-size", "1", "--batch-size", "16"]))
     """

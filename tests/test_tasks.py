@@ -1,4 +1,4 @@
-"""Tests of the algorithmic task generators in sdi_core.tasks."""
+"""Tests of the algorithmic task generators in sdi_core.app.tasks."""
 from __future__ import annotations
 
 import re
@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from sdi_core.tasks import (
+from sdi_core.app.tasks import (
     IGNORE_INDEX,
     TASKS,
     AdditionTask,

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from sdi_core import SDIError  # noqa: E402
 from sdi_core.reference.looped_transformer import LoopedConfig  # noqa: E402
-from sdi_core.tasks import get_task  # noqa: E402
+from sdi_core.app.tasks import get_task  # noqa: E402
 from sdi_torch.models import LoopedGPT, per_example_loss  # noqa: E402
 from sdi_torch.train import (  # noqa: E402
     TrainConfig,

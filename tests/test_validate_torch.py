@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("torch")
 
 from sdi_core import SDIError  # noqa: E402
-from sdi_core.cli import main  # noqa: E402
-from sdi_core.cli_validate import corrupt_answers, resolve_validation  # noqa: E402
+from sdi_core.app.cli import main  # noqa: E402
+from sdi_core.app.cli_validate import corrupt_answers, resolve_validation  # noqa: E402
 from sdi_core.reference.looped_transformer import LoopedConfig  # noqa: E402
-from sdi_core.tasks import get_task  # noqa: E402
+from sdi_core.app.tasks import get_task  # noqa: E402
 from sdi_core.validate import RetrainJob, run_jobs  # noqa: E402
-from sdi_core.validate_report import VALIDATION_FIGURES  # noqa: E402
+from sdi_core.app.validate_report import VALIDATION_FIGURES  # noqa: E402
 from sdi_torch.train import TrainConfig  # noqa: E402
 from sdi_torch.validate import LoopedGPTRetrainer  # noqa: E402
 

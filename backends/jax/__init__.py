@@ -12,9 +12,35 @@ selected leaves are found there (:mod:`sdi_jax.capture`); nothing is
 rewritten by hand and ``jax.config`` is never touched.  The canonical looped
 transformer lives in :mod:`sdi_jax.models`, the exact untied ``vmap(grad)``
 baseline in :mod:`sdi_jax.baseline`.
+
+Submodules are imported on first attribute access, so ``import sdi_jax``
+(and the application's ``sdi_jax.app`` entry point) loads no JAX until used.
 """
 
-from .attributor import Attributor, named_leaves
-from .capture import CapturePlan, leaf_names, loop_step
+from __future__ import annotations
 
-__all__ = ["Attributor", "CapturePlan", "leaf_names", "loop_step", "named_leaves"]
+import importlib
+
+_EXPORTS = {
+    "Attributor": "attributor",
+    "named_leaves": "attributor",
+    "CapturePlan": "capture",
+    "leaf_names": "capture",
+    "loop_step": "capture",
+    "exact_features": "baseline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'sdi_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -19,6 +19,8 @@ use shape while the function is traced (see :mod:`sdi_core.engine`).
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
@@ -77,9 +79,12 @@ class Attributor:
             ``fori_loop`` iteration, one call of a :func:`sdi_jax.loop_step`
             body, or, with neither, the k-th use of every leaf.  None selects
             no loop group.
-        sketch: :class:`sdi_core.TensorSketch` or :class:`sdi_core.Exact`.
-        extra: further groups, one slot each: ``{"prelude": lambda p: {...},
+        sketch: :class:`sdi_core.TensorSketch` (default ``dim=4096, seed=0``, as
+            in sdi_torch) or :class:`sdi_core.Exact`.
+        groups: further groups, one slot each: ``{"prelude": lambda p: {...},
             "coda": lambda p: ...}``.
+        extra: deprecated name of ``groups`` (a DeprecationWarning; removed
+            in the next release).
         steps: the number of loop steps the loss runs, checked against what
             the capture finds (and used to group uses when a Python-unrolled
             body uses a leaf more than once per step).
@@ -112,8 +117,8 @@ class Attributor:
         loss_fn: Callable,
         loop: Callable | None = None,
         *,
-        sketch: TensorSketch | Exact,
-        extra: Mapping[str, Callable] | None = None,
+        sketch: TensorSketch | Exact | None = None,
+        groups: Mapping[str, Callable] | None = None,
         steps: int | None = None,
         batch_axes: Any = 0,
         fallback: str = "dense",
@@ -121,7 +126,15 @@ class Attributor:
         jit: bool = True,
         progress: bool = True,
         check_rows: bool = True,
+        extra: Mapping[str, Callable] | None = None,
     ) -> None:
+        if extra is not None:
+            warnings.warn("sdi_jax.Attributor(extra=...) is deprecated and will be removed in the next release; "
+                          "pass groups=... (the name sdi_torch uses).", DeprecationWarning, stacklevel=2)
+            if groups is not None:
+                raise SDIError("Pass the side groups once: groups=... (extra= is its deprecated name).")
+            groups = extra
+        sketch = TensorSketch(dim=4096, seed=0) if sketch is None else sketch
         if not callable(loss_fn):
             raise SDIError(f"loss_fn must be callable as loss_fn(params, batch) -> [B], got {type(loss_fn).__name__}.")
         if not isinstance(sketch, (TensorSketch, Exact)):
@@ -134,14 +147,14 @@ class Attributor:
             if not callable(loop):
                 raise SDIError("loop must be a selector such as `lambda params: params['block']`.")
             selectors["loop"] = loop
-        for name, sel in dict(extra or {}).items():
+        for name, sel in dict(groups or {}).items():
             if name == "loop":
-                raise SDIError("extra={'loop': ...}: the loop group is given by the `loop` argument.")
+                raise SDIError("groups={'loop': ...}: the loop group is given by the `loop` argument.")
             if not isinstance(name, str) or not name or not callable(sel):
-                raise SDIError(f"extra must map group names to selectors; got {name!r}: {type(sel).__name__}.")
+                raise SDIError(f"groups must map group names to selectors; got {name!r}: {type(sel).__name__}.")
             selectors[name] = sel
         if not selectors:
-            raise SDIError("Select something to attribute through: pass loop=... and/or extra={group: selector}.")
+            raise SDIError("Select something to attribute through: pass loop=... and/or groups={group: selector}.")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0):
             raise SDIError(f"steps={steps!r}: the number of loop steps must be a positive int (or None).")
         if fallback not in ("dense", "error"):

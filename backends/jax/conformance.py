@@ -192,7 +192,7 @@ class JaxBackend:
             selectors = {g: (lambda params, names=tuple(names): [_get(params, n) for n in names])
                          for g, names in groups.items()}
             loop = selectors.pop("loop", None)
-            attr = Attributor(h.loss_fn, loop=loop, sketch=sketch, extra=selectors or None, jit=jit, progress=False)
+            attr = Attributor(h.loss_fn, loop=loop, sketch=sketch, groups=selectors or None, jit=jit, progress=False)
             self._attributors[key] = attr
         return attr
 

@@ -34,6 +34,7 @@ import torch
 
 from sdi_core.factors import SDIError
 from sdi_core.features import Checkpoint
+from sdi_core.app.training import OPTIMIZERS, SCHEDULES, BatchOrder, TrainConfig, checkpoint_steps, learning_rate
 from sdi_core.reference.looped_transformer import LoopedConfig
 
 __all__ = [
@@ -48,79 +49,6 @@ __all__ = [
     "checkpoint_steps",
 ]
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of :func:`train`.
-
-    Attributes:
-        steps: optimiser steps (>= 1).
-        batch_size: examples per step (>= 1); batches are drawn by shuffling
-            the training set once per epoch.
-        lr: peak learning rate (> 0).
-        optimizer: ``"adamw"`` or ``"sgd"`` (SGD with ``momentum``).
-        weight_decay: decoupled weight decay for AdamW, L2 for SGD (>= 0).
-        momentum: SGD momentum in [0, 1).
-        betas: AdamW betas.
-        warmup: linear warm-up steps (>= 0).
-        schedule: ``"cosine"`` (decay to ``min_lr_ratio * lr``) or ``"constant"``.
-        min_lr_ratio: floor of the cosine schedule, in (0, 1].
-        grad_clip: clip the global gradient norm to this (``None`` or 0: no clipping).
-        n_checkpoints: checkpoints saved, evenly spaced, the last at ``steps`` (>= 1).
-        eval_every: evaluate on ``eval_data`` every this many steps (0: only at the end).
-        seed: seeds the batch order (the model's initial weights are the caller's).
-    """
-
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 3e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    n_checkpoints: int = 4
-    eval_every: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, lo in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("n_checkpoints", 1), ("eval_every", 0), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise SDIError(f"TrainConfig.{name}={v!r}: must be an int >= {lo}.")
-            object.__setattr__(self, name, int(v))
-        if self.n_checkpoints > self.steps:
-            raise SDIError(
-                f"TrainConfig: n_checkpoints={self.n_checkpoints} exceeds steps={self.steps}; "
-                "save at most one checkpoint per step (lower n_checkpoints or train longer)."
-            )
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise SDIError(f"TrainConfig.lr={self.lr!r}: the learning rate must be a positive finite number.")
-        if self.optimizer not in OPTIMIZERS:
-            raise SDIError(f"TrainConfig.optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}.")
-        if self.schedule not in SCHEDULES:
-            raise SDIError(f"TrainConfig.schedule={self.schedule!r}: expected one of {SCHEDULES}.")
-        if not (0 < self.min_lr_ratio <= 1):
-            raise SDIError(
-                f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r}: must be in (0, 1] so that every "
-                "checkpoint has a positive learning rate (its TracIn weight eta)."
-            )
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise SDIError("TrainConfig: weight_decay must be >= 0 and momentum in [0, 1).")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise SDIError(f"TrainConfig.grad_clip={self.grad_clip!r}: must be None or >= 0.")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(d["betas"])
-        return d
 
 
 @dataclass(frozen=True)
@@ -169,23 +97,6 @@ class TrainResult:
         return [c.checkpoint() for c in self.checkpoints]
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimiser step ``step`` (1-based): warm-up, then the schedule."""
-    if config.warmup and step <= config.warmup:
-        return config.lr * step / config.warmup
-    if config.schedule == "constant":
-        return config.lr
-    span = max(1, config.steps - config.warmup)
-    progress = min(1.0, (step - config.warmup) / span)
-    floor = config.min_lr_ratio
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
-    """``n_checkpoints`` distinct steps evenly spread over ``1..steps``, the last one ``steps``."""
-    return sorted({max(1, round(steps * (k + 1) / n_checkpoints)) for k in range(n_checkpoints)})
-
-
 def _as_batch(data: Any, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """TaskData or a mapping with ``tokens``/``targets`` (optional ``n_steps``, ``example_weight``) -> tensors."""
     weight = None
@@ -196,7 +107,7 @@ def _as_batch(data: Any, device: torch.device | None = None) -> dict[str, torch.
         weight = data.get("example_weight")
     else:
         raise SDIError(
-            f"train data must be sdi_core.tasks.TaskData or a dict with 'tokens' and 'targets' "
+            f"train data must be sdi_core.app.tasks.TaskData or a dict with 'tokens' and 'targets' "
             f"([N, T] int arrays); got {type(data).__name__}."
         )
     out = {}
@@ -342,7 +253,7 @@ def train(
     Args:
         model: a ``torch.nn.Module`` (typically :class:`sdi_torch.models.LoopedGPT`),
             trained in its current dtype and device.
-        data: the training set: :class:`sdi_core.tasks.TaskData` or a dict of
+        data: the training set: :class:`sdi_core.app.tasks.TaskData` or a dict of
             ``tokens``/``targets`` int arrays ``[N, T]`` (optional ``n_steps [N]``, and
             ``example_weight [N]``: each example's loss is multiplied by it, so weight 0
             leaves an example out while keeping the batch order of the full run).
@@ -351,7 +262,7 @@ def train(
             None keeps no files (``result.checkpoints`` is then empty).
         eval_data: held-out data, evaluated every ``config.eval_every`` steps
             and at the end (loss and accuracy, shown on the progress bar).
-        task: the :class:`sdi_core.tasks.Task`, used for accuracy when given.
+        task: the :class:`sdi_core.app.tasks.Task`, used for accuracy when given.
         loss_fn: ``loss_fn(model, batch) -> [B]`` per-example losses; defaults to
             :func:`sdi_torch.models.per_example_loss`.  The step minimises their mean.
         progress: show a tqdm progress bar.
@@ -391,10 +302,7 @@ def train(
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     save_at = set(checkpoint_steps(config.steps, config.n_checkpoints)) if out_dir is not None else set()
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    cursor = 0
-    want = min(config.batch_size, n)
+    batches = BatchOrder(n, config.batch_size, config.seed)
     losses = np.zeros(config.steps)
     lrs = np.zeros(config.steps)
     evals: list[tuple[int, float, float]] = []
@@ -407,17 +315,7 @@ def train(
     if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < config.steps:
         raise SDIError(f"train(start_step={start_step!r}): must be an integer in [0, steps={config.steps}).")
 
-    def next_batch():
-        # Each epoch visits every example once, in a fresh order; a batch may span two epochs.
-        nonlocal order, cursor
-        take, got = [], 0
-        while got < want:
-            if cursor == n:
-                order, cursor = rng.permutation(n), 0
-            m = min(want - got, n - cursor)
-            take.append(order[cursor : cursor + m])
-            cursor, got = cursor + m, got + m
-        return np.concatenate(take)
+    next_batch = batches.next
 
     for _ in range(start_step):  # the batches an uninterrupted run would have drawn before resuming
         next_batch()

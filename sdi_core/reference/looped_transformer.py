@@ -54,6 +54,7 @@ __all__ = [
     "param_infos",
     "group_steps",
     "init_weights",
+    "gpt2_init_weights",
     "forward",
     "per_example_loss",
     "loss_and_factors",
@@ -265,6 +266,27 @@ def init_weights(config: LoopedConfig, seed: int = 0, scale: float = 1.0) -> dic
         else:
             w = 0.1 * rng.standard_normal(shape)
         weights[name] = w
+    return weights
+
+
+def gpt2_init_weights(config: LoopedConfig, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
+    """GPT-2 style initial weights for training: normal(0, ``std``) matrices and embeddings, zero
+    biases, unit LayerNorm scales (float64, canonical shapes, from a NumPy generator and ``seed``).
+
+    The demo trains from these in the NumPy and JAX backends (``sdi_torch.models.LoopedGPT``
+    initialises the same way with torch's generator); :func:`init_weights` is for tests.
+    """
+    rng = np.random.default_rng(seed)
+    kinds = param_kinds(config)
+    weights = {}
+    for name, shape in param_shapes(config).items():
+        kind = kinds[name]
+        if kind in ("embedding", "linear"):
+            weights[name] = std * rng.standard_normal(shape)
+        elif kind == "scale":
+            weights[name] = np.ones(shape)
+        else:
+            weights[name] = np.zeros(shape)
     return weights
 
 

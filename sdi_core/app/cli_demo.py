@@ -6,8 +6,11 @@ checkpoint, exact SDI is computed on a subset to show the sketch's error, and
 a report folder is written.  ``sdi run`` exposes the settings.
 
 The pipeline itself is :func:`run_pipeline` (used by both commands and by the
-tests).  It needs PyTorch, which is imported when a command runs, never at
-``import sdi_core``.
+tests).  It runs on any registered backend (``--backend numpy|torch|jax``,
+:mod:`sdi_core.app.backends`; default torch): the backend builds, trains and
+featurises the model, everything else (data, scoring, the exact comparison,
+the report) is the same NumPy code for all of them.  No framework is
+imported before a command runs, and ``--backend numpy`` imports none.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .factors import SDIError
+from ..factors import SDIError
 
 __all__ = ["RunSettings", "RunOutcome", "TASK_PRESETS", "BUDGETS", "resolve_settings", "run_pipeline", "register"]
 
@@ -121,6 +124,7 @@ class RunSettings:
     quiet: bool = False
     threads: int | None = 1
     budget: str = "default"
+    backend: str = "torch"
 
     def validate(self) -> "RunSettings":
         """Raise :class:`SDIError` naming the first inconsistent setting and how to fix it."""
@@ -200,7 +204,7 @@ class RunOutcome:
     """What :func:`run_pipeline` produced."""
 
     settings: RunSettings
-    report: Any  # sdi_core.report.ReportFiles
+    report: Any  # sdi_core.app.report.ReportFiles
     test_accuracy: float
     query_tau_accuracy: float | None
     timings: dict[str, float]
@@ -299,16 +303,6 @@ def training_targets(task, data) -> np.ndarray:
     return targets
 
 
-def _batches(task_data, size: int, targets: np.ndarray | None = None):
-    import torch
-
-    return [
-        {"tokens": torch.as_tensor(task_data.tokens[lo : lo + size]),
-         "targets": torch.as_tensor((task_data.targets if targets is None else targets)[lo : lo + size])}
-        for lo in range(0, len(task_data), size)
-    ]
-
-
 def _to_numpy(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
 
@@ -320,77 +314,63 @@ def run_pipeline(settings: RunSettings) -> RunOutcome:
         :class:`RunOutcome` (report paths, accuracies, timings, top examples, sketch-vs-exact metrics).
     """
     settings.validate()
-    from ._io import check_writable_dir, io_errors
+    from .._io import check_writable_dir, io_errors
+    from .backends import get_backend
 
+    backend = get_backend(settings.backend)  # an unknown name fails here, listing the installed ones
     check_writable_dir(settings.out, "--out")  # before any training
-    import torch
-
-    old_threads = torch.get_num_threads()
-    if settings.threads is not None:
-        # The demo's models are far too small to gain from intra-op threads, and spare
-        # threads only slow them down when the cores are shared; restored on exit.
-        torch.set_num_threads(settings.threads)
-    try:
+    # The demo's models are far too small to gain from intra-op threads, and spare
+    # threads only slow them down when the cores are shared; restored on exit.
+    with backend.threads(settings.threads):
         with io_errors(f"sdi run: writing the report folder (--out {settings.out!r})", settings.out):
-            return _pipeline(settings)
-    finally:
-        torch.set_num_threads(old_threads)
+            return _pipeline(settings, backend)
 
 
 @dataclass
 class TrainedTask:
-    """A task's data and the looped GPT trained on it (see :func:`train_task_model`)."""
+    """A task's data and the looped model trained on it (see :func:`train_task_model`)."""
 
     task: Any
     train_set: Any
     test_set: Any
     fit_targets: np.ndarray
     model: Any
-    result: Any  # sdi_torch.train.TrainResult
+    result: Any  # sdi_core.app.backends.TrainedModel
 
 
-def train_task_model(settings: RunSettings, out_dir: Path | None = None) -> TrainedTask:
-    """Build the task's split and train the run's looped GPT on it (what ``sdi run`` trains, and
-    ``benchmarks/tasks.py`` measures); checkpoints go to ``out_dir`` (None: none are written)."""
-    import torch
-
-    from sdi_torch.models import LoopedGPT
-    from sdi_torch.train import TrainConfig, train
-
-    from .reference.looped_transformer import LoopedConfig
+def train_task_model(settings: RunSettings, out_dir: Path | None = None, backend=None) -> TrainedTask:
+    """Build the task's split and train the run's looped model on it with ``settings.backend`` (what
+    ``sdi run`` trains, and ``benchmarks/tasks.py`` measures); checkpoints go to ``out_dir`` (None: none
+    are written)."""
+    from ..reference.looped_transformer import LoopedConfig
+    from .backends import get_backend
     from .tasks import get_task
+    from .training import TrainConfig
 
     s = settings
+    backend = get_backend(s.backend) if backend is None else backend
     task = get_task(s.task, **s.task_options)
     train_set, test_set = task.splits(s.train_size, s.test_size, seed=s.seed)
     config = LoopedConfig(
         vocab_size=task.vocab_size, d_model=s.d_model, n_heads=s.n_heads, tau=s.tau, max_len=task.seq_len,
         n_prelude=s.n_prelude, n_coda=s.n_coda, input_injection=True,
     )
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
-        torch.manual_seed(s.seed)
-        model = LoopedGPT(config)
-    _log(s, f"[sdi] training a looped GPT (d_model {s.d_model}, {s.n_heads} heads, tau {s.tau}) on {s.task}: "
-            f"{len(train_set)} train / {len(test_set)} test examples, {s.train_steps} steps")
+    model = backend.build_model(config, s.seed)
+    _log(s, f"[sdi] training a looped GPT ({backend.name}; d_model {s.d_model}, {s.n_heads} heads, tau {s.tau}) on "
+            f"{s.task}: {len(train_set)} train / {len(test_set)} test examples, {s.train_steps} steps")
     tcfg = TrainConfig(
         steps=s.train_steps, batch_size=s.batch_size, lr=s.lr, optimizer=s.optimizer, n_checkpoints=s.n_checkpoints,
         eval_every=max(1, s.train_steps // 10), seed=s.seed, warmup=min(100, max(1, s.train_steps // 10)),
     )
     fit_targets = training_targets(task, train_set) if s.aux_targets else train_set.targets
-    result = train(model, {"tokens": train_set.tokens, "targets": fit_targets}, tcfg, out_dir=out_dir,
-                   eval_data=test_set, task=task, progress=not s.quiet)
-    return TrainedTask(task, train_set, test_set, fit_targets, model, result)
+    result = backend.train(model, {"tokens": train_set.tokens, "targets": fit_targets}, tcfg, out_dir=out_dir,
+                           eval_data=test_set, task=task, progress=not s.quiet)
+    return TrainedTask(task, train_set, test_set, fit_targets, result.model, result)
 
 
-def _pipeline(settings: RunSettings) -> RunOutcome:
-    import torch
-
-    import sdi_torch
-    from sdi_torch.models import per_example_loss
-    from sdi_torch.train import evaluate
-
-    from . import Exact, TensorSketch, influence
-    from .error_bars import influence_with_error_bars
+def _pipeline(settings: RunSettings, backend) -> RunOutcome:
+    from .. import Exact, TensorSketch, influence
+    from ..error_bars import influence_with_error_bars
     from .report import ExactComparison, Extrapolation, ReportData, TrainingCurve, compare_sketch_exact, write_report
 
     s = settings
@@ -398,16 +378,16 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     clock = _Clock()
-    trained = train_task_model(s, out_dir=out / "checkpoints")
+    trained = train_task_model(s, out_dir=out / "checkpoints", backend=backend)
     task, train_set, test_set, model, result = (trained.task, trained.train_set, trained.test_set, trained.model,
                                                 trained.result)
-    config, fit_targets = model.config, trained.fit_targets
+    fit_targets = trained.fit_targets
     timings["train"], cpu["train"] = clock.lap()
     test_acc = result.final_accuracy
     _log(s, f"[sdi] test accuracy {test_acc:.3f} ({timings['train']:.1f} s)")
     qtau_acc = None
     if s.query_tau != s.tau:
-        _, qtau_acc = evaluate(model, test_set, task=task, tau=s.query_tau)
+        qtau_acc = task.accuracy(test_set, backend.logits(model, test_set.tokens, tau=s.query_tau))
 
     rng = np.random.default_rng(s.seed)
     train_sub = train_set.subset(np.arange(s.n_train))
@@ -416,14 +396,13 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     train_sub_targets = fit_targets[: s.n_train]
     q_idx = _pick_queries(test_set, s.n_query, rng)
     query_sub = test_set.subset(q_idx)
-    checkpoints = [c.checkpoint(eta=None) for c in result.checkpoints]  # eta read from the files ("lr")
-    groups = {"prelude": [model.tok_emb, model.pos_emb, *model.prelude],
-              "coda": [*model.coda, model.ln_f] + ([] if config.tie_embeddings else [model.head])}
+    checkpoints = result.checkpoints  # eta: the learning rate in force at each
 
-    def make_attributor(sketch, tau=None):
-        loss = per_example_loss if tau is None else (lambda m, b: per_example_loss(m, b, tau=tau))
-        return sdi_torch.Attributor(model, loop=model.block, loss_fn=loss, sketch=sketch, groups=groups,
-                                    progress=not s.quiet)
+    def featurize(sketch, data, targets=None, ids=None, tau=None):
+        return backend.featurize(model, sketch, {"tokens": data.tokens,
+                                                 "targets": data.targets if targets is None else targets},
+                                 checkpoints, groups=("prelude", "loop", "coda"), tau=tau, example_ids=ids,
+                                 batch_size=s.featurize_batch, progress=not s.quiet)
 
     clock.lap()
     _log(s, f"[sdi] featurising {s.n_train} train and {s.n_query} query examples at {len(checkpoints)} checkpoints "
@@ -431,10 +410,9 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     # One featurisation per sketch seed; with several, the report shows their mean and +-2 SE bands.
     seeded = []
     for seed in range(s.seed, s.seed + s.sketch_seeds):
-        sketcher = make_attributor(TensorSketch(dim=s.sketch_dim, seed=seed))
-        f_train = sketcher.featurize(_batches(train_sub, s.featurize_batch, train_sub_targets), checkpoints,
-                                     example_ids=np.arange(s.n_train))
-        f_query = sketcher.featurize(_batches(query_sub, s.featurize_batch), checkpoints, example_ids=q_idx)
+        sketch = TensorSketch(dim=s.sketch_dim, seed=seed)
+        f_train = featurize(sketch, train_sub, train_sub_targets, ids=np.arange(s.n_train))
+        f_query = featurize(sketch, query_sub, ids=q_idx)
         seeded.append((f_train, f_query))
     f_train, f_query = seeded[0]
     single = _to_numpy(influence(f_train, f_query).trajectory)  # one sketch of dim m: what the exact check measures
@@ -449,8 +427,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     if s.query_tau != s.tau:
         clock.lap()
         _log(s, f"[sdi] featurising the queries again with {s.query_tau} loop steps")
-        f_query_q = make_attributor(TensorSketch(dim=s.sketch_dim, seed=s.seed), tau=s.query_tau).featurize(
-            _batches(query_sub, s.featurize_batch), checkpoints, example_ids=q_idx)
+        f_query_q = featurize(TensorSketch(dim=s.sketch_dim, seed=s.seed), query_sub, ids=q_idx, tau=s.query_tau)
         extrapolation = Extrapolation(_to_numpy(influence(f_train, f_query_q).trajectory), f_query_q.slot_labels(),
                                       query_tau=s.query_tau, train_tau=s.tau, accuracy=qtau_acc)
         timings["query tau featurize"], cpu["query tau featurize"] = clock.lap()
@@ -460,10 +437,8 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
     if s.exact_train and s.exact_query:
         clock.lap()
         _log(s, f"[sdi] exact SDI on {s.exact_train} train x {s.exact_query} query examples")
-        exact = make_attributor(Exact())
-        e_train = exact.featurize(_batches(train_sub.subset(np.arange(s.exact_train)), s.featurize_batch,
-                                           train_sub_targets[: s.exact_train]), checkpoints)
-        e_query = exact.featurize(_batches(query_sub.subset(np.arange(s.exact_query)), s.featurize_batch), checkpoints)
+        e_train = featurize(Exact(), train_sub.subset(np.arange(s.exact_train)), train_sub_targets[: s.exact_train])
+        e_query = featurize(Exact(), query_sub.subset(np.arange(s.exact_query)))
         exact_traj = _to_numpy(influence(e_train, e_query).trajectory)
         exact_cmp = ExactComparison(single[: s.exact_train, : s.exact_query], exact_traj,
                                     np.arange(s.exact_train), np.arange(s.exact_query), sketch_dim=s.sketch_dim)
@@ -471,20 +446,20 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         timings["exact"], cpu["exact"] = clock.lap()
 
     clock.lap()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(query_sub.tokens)).float().numpy()
+    logits = backend.logits(model, query_sub.tokens)
     pred = task.predictions(query_sub, logits)
     correct = task.correct(query_sub, logits)
     pred_text = [task.render(row, pred[i, task.answer_positions(row)]) for i, row in enumerate(query_sub.tokens)]
     summary = {
         "task": f"{s.task} {s.task_options}",
+        "backend": f"{backend.name} ({backend.description})",
         "model": f"looped GPT, d_model {s.d_model}, {s.n_heads} heads, tau {s.tau}, prelude {s.n_prelude}, "
                  f"coda {s.n_coda}, input injection",
         "training": f"{s.train_steps} steps, batch {s.batch_size}, {s.optimizer} lr {s.lr:g}, "
                     f"{len(train_set)} train examples"
                     + (", auxiliary running-parity targets at every bit" if s.aux_targets and s.task == "parity" else ""),
         "test accuracy": f"{test_acc:.3f} ({len(test_set)} test examples, inputs unseen in training)",
-        "checkpoints": ", ".join(f"step {c.step} (eta {c.lr:.2e})" for c in result.checkpoints),
+        "checkpoints": ", ".join(f"step {c.step} (eta {c.eta:.2e})" for c in result.checkpoints),
         "sketch": f"TensorSketch dim {s.sketch_dim} per parameter tensor, seed {s.seed}"
                   + (f" and {s.sketch_seeds - 1} more independent seeds (mean shown, bands +-2 SE)"
                      if s.sketch_seeds > 1 else ""),
@@ -511,7 +486,7 @@ def _pipeline(settings: RunSettings) -> RunOutcome:
         extrapolation=extrapolation,
         training=TrainingCurve(result.losses, result.evals, [c.step for c in result.checkpoints]),
         summary=summary,
-        title=f"SDI report: looped GPT on {s.task}",
+        title=f"SDI report: looped GPT on {s.task} ({backend.name})",
         trajectory_se=trajectory_se,
     )
     files = write_report(data, out, max_queries=s.max_queries)
@@ -556,6 +531,12 @@ _nonneg = _int_at_least(0)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .backends import backend_names
+
+    p.add_argument("--backend", choices=backend_names(), default="torch",
+                   help="framework that builds, trains and featurises the model: numpy needs no framework "
+                        "(the NumPy reference with its hand-written backward pass); see `sdi --help` for the "
+                        "installed backends (default: %(default)s)")
     p.add_argument("--out", default="sdi_report", metavar="DIR",
                    help="report folder (created; checkpoints go to DIR/checkpoints) (default: %(default)s)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
@@ -564,7 +545,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", dest="budget", action="store_const", const="small", help="same as --budget small")
     p.add_argument("--seed", type=_nonneg, default=None, metavar="N", help="seed of data, model, training and sketch (default: 0)")
     p.add_argument("--threads", type=_pos, default=None, metavar="N",
-                   help="PyTorch CPU threads while the command runs (default: 1; the models are too small to "
+                   help="framework CPU threads while the command runs (default: 1; the models are too small to "
                         "gain from more)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines; print only the summary")
 
@@ -647,7 +628,7 @@ def _execute(settings: RunSettings) -> int:
 
 
 def _common(args) -> dict:
-    return dict(seed=args.seed, out=args.out, quiet=args.quiet, threads=args.threads)
+    return dict(seed=args.seed, out=args.out, quiet=args.quiet, threads=args.threads, backend=args.backend)
 
 
 def _cmd_demo(args) -> int:

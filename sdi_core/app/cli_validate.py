@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .factors import SDIError
+from ..factors import SDIError
 
 __all__ = ["ValidationSettings", "VALIDATION_PRESETS", "QUICK", "resolve_validation", "run_validation",
            "corrupt_answers", "register"]
@@ -138,7 +138,7 @@ class ValidationSettings:
         return self
 
     def experiment(self):
-        from .validate import ValidationConfig
+        from ..validate import ValidationConfig
 
         return ValidationConfig(n_subsets=self.n_subsets, seeds=tuple(range(self.seeds)), removal_k=self.removal_k,
                                 counterfactual_queries=self.counterfactual_queries, n_random=self.n_random,
@@ -223,8 +223,8 @@ def _attributions(s: ValidationSettings, model, checkpoints, train_tokens, train
     import sdi_torch
     from sdi_torch.models import per_example_loss
 
-    from . import TensorSketch, influence
-    from .features import Features
+    from .. import TensorSketch, influence
+    from ..features import Features
 
     groups = {"prelude": [model.tok_emb, model.pos_emb], "coda": [model.ln_f, model.head]}
     attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=per_example_loss, groups=groups,
@@ -250,11 +250,11 @@ def _run(s: ValidationSettings) -> dict:
     from sdi_torch.train import TrainConfig, evaluate, load_checkpoint, train
     from sdi_torch.validate import LoopedGPTRetrainer, initial_model
 
-    from . import self_influence
+    from .. import self_influence
     from .cli_demo import training_targets
-    from .reference.looped_transformer import LoopedConfig
+    from ..reference.looped_transformer import LoopedConfig
     from .tasks import get_task
-    from .validate import Attributions, mislabel_detection, validate
+    from ..validate import Attributions, mislabel_detection, validate
     from .validate_report import write_validation_report
 
     t_start = time.perf_counter()
@@ -356,7 +356,7 @@ def _mislabel(s, model, checkpoints, tokens, answer_targets, fit_targets, flippe
     import sdi_torch
     from sdi_torch.models import per_example_loss
 
-    from . import TensorSketch
+    from .. import TensorSketch
 
     attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=per_example_loss,
                                 groups={"prelude": [model.tok_emb, model.pos_emb], "coda": [model.ln_f, model.head]},

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .report import _Doc, _figure, _save
-from .validate import MislabelResult, ValidationResult
+from ..validate import MislabelResult, ValidationResult
 
 __all__ = ["VALIDATION_FIGURES", "write_validation_report"]
 

@@ -47,7 +47,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 
-from .factors import SDIError
+from ..factors import SDIError
 
 __all__ = [
     "IGNORE_INDEX",

@@ -31,8 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .factors import SDIError
-from .metrics import compare as _compare, spearman as _spearman
+from ..factors import SDIError
+from ..metrics import compare as _compare, spearman as _spearman
 
 __all__ = [
     "FIGURES",
@@ -765,7 +765,7 @@ def write_report(
         :class:`ReportFiles` with the paths and the computed metrics.
     """
     if not isinstance(data, ReportData):
-        raise SDIError(f"write_report takes sdi_core.report.ReportData, got {type(data).__name__}.")
+        raise SDIError(f"write_report takes sdi_core.app.report.ReportData, got {type(data).__name__}.")
     for name, v in (("max_queries", max_queries), ("n_each", n_each), ("n_text", n_text), ("k_overlap", k_overlap)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise SDIError(f"write_report({name}={v!r}): must be a positive int.")

@@ -8,8 +8,8 @@
 
     sdi featurize --model model.json --checkpoint ckpt.npz --data train.npz --out train.store \\
         --sketch-dim 4096 --groups loop --summed --shard-size 16
-    torchrun --nproc-per-node 2 -m sdi_core.cli featurize ...   # ranks write alternate shards, rank 0 finalises
-    torchrun --nproc-per-node 2 -m sdi_core.cli score ...       # ranks score their share of the rows, merged
+    torchrun --nproc-per-node 2 -m sdi_core.app.cli featurize ...   # ranks write alternate shards, rank 0 finalises
+    torchrun --nproc-per-node 2 -m sdi_core.app.cli score ...       # ranks score their share of the rows, merged
 
 Backends: ``numpy`` (the float64 NumPy reference looped transformer of
 :mod:`sdi_core.reference.looped_transformer`) and ``torch`` (the same model
@@ -20,7 +20,9 @@ e.g. from ``init_weights``), ``--data`` an ``.npz`` with ``tokens`` and
 ``targets`` (int ``[N, T]``, ``-100`` ignored) and optional ``n_steps``
 ``[N]`` and ``ids`` ``[N]``.
 
-Nothing here imports a framework unless ``--backend torch`` is chosen.
+Backends are found by name in the ``sdi.backends`` registry
+(:mod:`sdi_core.app.backends`); nothing here imports a framework unless a
+framework's backend is chosen, or the command runs under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .driver import BatchFeatures, featurize as run_driver
-from .factors import SDIError
-from .features import Checkpoint, CheckpointInfo, Features
-from .specs import Exact, SketchPlan, TensorSketch
-from .weights import checkpoint_id
+from ..driver import BatchFeatures, featurize as run_driver
+from ..factors import SDIError
+from ..features import Checkpoint, CheckpointInfo, Features
+from ..specs import Exact, SketchPlan, TensorSketch
+from ..weights import checkpoint_id
 
-BACKENDS = ("numpy", "torch")
 GROUPS = ("prelude", "loop", "coda")
 DEMO_SPLITS = {"train": (256, 1), "query": (16, 2)}  # examples, data seed
 
@@ -49,7 +50,7 @@ DEMO_SPLITS = {"train": (256, 1), "query": (16, 2)}  # examples, data seed
 
 def demo_model():
     """The built-in tiny looped transformer of ``--demo``: ``(config, weights)``."""
-    from .reference.looped_transformer import LoopedConfig, init_weights
+    from ..reference.looped_transformer import LoopedConfig, init_weights
 
     config = LoopedConfig(vocab_size=12, d_model=16, n_heads=2, tau=3, max_len=10)
     return config, init_weights(config, seed=0)
@@ -67,7 +68,7 @@ def demo_data(split: str, config) -> dict[str, np.ndarray]:
 
 
 def load_config(path: str):
-    from .reference.looped_transformer import LoopedConfig
+    from ..reference.looped_transformer import LoopedConfig
 
     try:
         with open(path) as fh:
@@ -84,7 +85,7 @@ def load_config(path: str):
 
 def _load_npz(path: str, option: str, what: str) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` archive (never unpickled), or an SDIError naming the option and the fix."""
-    from ._io import io_errors
+    from .._io import io_errors
 
     if os.path.isdir(path):
         raise SDIError(f"{option} {path!r} is a folder; give the .npz file of {what}.")
@@ -130,11 +131,13 @@ def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + batch_size)) for a in range(0, n, batch_size)]
 
 
-def _rows(data: dict, start: int, stop: int) -> dict:
+def rows(data: dict, start: int, stop: int) -> dict:
+    """The batch of rows ``[start, stop)`` of ``data`` (tokens, targets and n_steps when present)."""
     return {k: data[k][start:stop] for k in ("tokens", "targets", "n_steps") if k in data}
 
 
-def _ids(data: dict, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+def example_ids(data: dict, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Example ids of the rows in ``ranges``: ``data["ids"]`` when given, else the row positions."""
     idx = np.concatenate([np.arange(a, b) for a, b in ranges])
     return np.asarray(data["ids"])[idx] if "ids" in data else idx
 
@@ -146,7 +149,7 @@ class _ReferenceSession:
     """The driver's session for the NumPy reference model: batches are row ranges of the data."""
 
     def __init__(self, config, plan: SketchPlan, data, steps, tau, names):
-        from .engine import SketchEngine
+        from ..engine import SketchEngine
 
         self.config, self.plan, self.data, self.steps, self.tau, self.names = config, plan, data, steps, tau, names
         self.engine = SketchEngine(plan)
@@ -162,11 +165,11 @@ class _ReferenceSession:
         self.weights = ckpt.source
         return CheckpointInfo(ckpt.name, ckpt.eta, ckpt.step)
 
-    def run(self, rows: tuple[int, int], *, summed: bool) -> BatchFeatures:
-        from .reference.looped_transformer import loss_and_factors
+    def run(self, span: tuple[int, int], *, summed: bool) -> BatchFeatures:
+        from ..reference.looped_transformer import loss_and_factors
 
-        start, stop = rows
-        _, uses = loss_and_factors(self.weights, self.config, _rows(self.data, start, stop), tau=self.tau,
+        start, stop = span
+        _, uses = loss_and_factors(self.weights, self.config, rows(self.data, start, stop), tau=self.tau,
                                    select=self.names)
         state = self.engine.update(self.engine.init(stop - start, self.steps, summed=summed), uses)
         return BatchFeatures(self.engine.finalize(state), dict(self.steps), self.plan.layout)
@@ -175,7 +178,8 @@ class _ReferenceSession:
         return {"backend": "numpy-reference", "routes": self.engine.routes()}
 
 
-def _as_checkpoints(checkpoints: Sequence[tuple[Any, CheckpointInfo]], convert=lambda w: w) -> list[Checkpoint]:
+def as_checkpoints(checkpoints: Sequence[tuple[Any, CheckpointInfo]], convert=lambda w: w) -> list[Checkpoint]:
+    """``(weights, CheckpointInfo)`` pairs as :class:`Checkpoint` objects (weights passed through ``convert``)."""
     return [Checkpoint(convert(w), eta=info.eta, name=info.id, step=info.step) for w, info in checkpoints]
 
 
@@ -195,64 +199,17 @@ def numpy_reference_featurizer(
     ``data`` to their float64 :class:`Features` at every checkpoint (summed
     over steps with ``summed=True``).
     """
-    from .reference.looped_transformer import group_steps, param_infos
+    from ..reference.looped_transformer import group_steps, param_infos
 
     infos = param_infos(config, groups)
     plan = SketchPlan(sketch, infos)
     all_steps = group_steps(config, tau)
     session = _ReferenceSession(config, plan, data, {g: all_steps[g] for g in plan.group_names}, tau,
                                 [p.name for p in infos])
-    ckpts = _as_checkpoints(checkpoints)
+    ckpts = as_checkpoints(checkpoints)
 
     def featurize(ranges: list[tuple[int, int]]) -> Features:
-        return run_driver(session, ranges, ckpts, example_ids=_ids(data, ranges), summed=summed, progress=False)
-
-    return featurize
-
-
-def torch_featurizer(
-    config,
-    checkpoints: Sequence[tuple[dict[str, np.ndarray], CheckpointInfo]],
-    sketch,
-    data: dict[str, np.ndarray],
-    *,
-    groups: Sequence[str] = ("loop",),
-    tau: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    progress: bool = False,
-    summed: bool = False,
-) -> Callable[[list[tuple[int, int]]], Features]:
-    """``featurize_fn`` running ``sdi_torch.models.LoopedGPT`` under ``sdi_torch.Attributor`` (same inputs)."""
-    try:
-        import torch
-
-        import sdi_torch
-        from sdi_torch import models
-    except ImportError as exc:
-        raise SDIError(f"--backend torch needs PyTorch and sdi_torch ({exc}); pip install 'sdi[torch]'.") from None
-    from .reference.looped_transformer import group_steps, param_groups
-
-    if "loop" not in groups:
-        raise SDIError("--backend torch attributes through the loop: include 'loop' in --groups.")
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    model = models.LoopedGPT.from_numpy(config, checkpoints[0][0], dtype=tdtype).to(device).eval()
-    table = param_groups(config)
-    names = [n for n, _ in model.named_parameters()]
-    extra = {g: [n for n in names if table.get(n) == g] for g in groups if g != "loop"}
-    steps = group_steps(config, tau)["loop"]
-
-    def loss_fn(m, batch):
-        return models.per_example_loss(m, batch, tau=tau)
-
-    attr = sdi_torch.Attributor(model, loop=model.block, loss_fn=loss_fn, sketch=sketch,
-                                groups={g: v for g, v in extra.items() if v}, progress=progress)
-    ckpts = _as_checkpoints(checkpoints, lambda w: {k: torch.as_tensor(v, dtype=tdtype, device=device)
-                                                    for k, v in w.items()})
-
-    def featurize(ranges: list[tuple[int, int]]) -> Features:
-        batches = [{k: torch.as_tensor(v, device=device) for k, v in _rows(data, a, b).items()} for a, b in ranges]
-        return attr.featurize(batches, ckpts, steps=steps, example_ids=_ids(data, ranges), summed=summed)
+        return run_driver(session, ranges, ckpts, example_ids=example_ids(data, ranges), summed=summed, progress=False)
 
     return featurize
 
@@ -295,14 +252,14 @@ def _run_config(args, config, checkpoints, sketch, groups, data) -> dict:
 
 
 def _data_fingerprint(data: dict) -> str:
-    from .store import batch_fingerprint
+    from ..store import batch_fingerprint
 
     return batch_fingerprint([data])
 
 
 def _rows_fingerprint(data: dict) -> Callable[[list[tuple[int, int]]], str]:
     """Input fingerprint of a shard: its row ranges and the rows of every data array in them."""
-    from .store import batch_fingerprint
+    from ..store import batch_fingerprint
 
     def fingerprint(ranges: list[tuple[int, int]]) -> str:
         return batch_fingerprint([{"rows": [a, b], **{k: v[a:b] for k, v in data.items()}} for a, b in ranges])
@@ -310,26 +267,18 @@ def _rows_fingerprint(data: dict) -> Callable[[list[tuple[int, int]]], str]:
     return fingerprint
 
 
-def _check_torch_device(device: str) -> None:
-    """Refuse a --device that torch cannot parse or use, before any work."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise SDIError(f"--backend torch needs PyTorch ({exc}); pip install 'sdi[torch]'.") from None
-    try:
-        dev = torch.device(device)
-        torch.empty(1, device=dev)
-    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SDIError(f"--device {device!r} cannot be used ({first}); pass e.g. --device cpu or --device cuda:0.") from None
-
-
 def run_featurize(args: argparse.Namespace) -> int:
-    from .store import check_destination, featurize_to_store
+    from ..store import check_destination, featurize_to_store
+
+    from .backends import get_backend
 
     check_destination(args.out, "--out", create=False)  # before anything is loaded or computed; creates nothing
-    if args.backend == "torch":
-        _check_torch_device(args.device)
+    backend = get_backend(args.backend)
+    if backend.store_featurizer is None:
+        raise SDIError(f"backend {backend.name!r} has no store featurizer for `sdi featurize`; use --backend numpy "
+                       "or torch (or featurise with its Attributor and sdi_core.store.featurize_to_store).")
+    if backend.check_device is not None:
+        backend.check_device(args.device)
     if args.demo is not None:
         if args.model or args.checkpoint or args.data:
             raise SDIError("--demo uses a built-in model and data; drop --model, --checkpoint and --data.")
@@ -366,11 +315,7 @@ def run_featurize(args: argparse.Namespace) -> int:
     rank = _env_int("RANK", 0) if args.rank is None else args.rank
     world = _env_int("WORLD_SIZE", 1) if args.world_size is None else args.world_size
     kw = dict(groups=groups, tau=args.tau, summed=args.summed)
-    if args.backend == "numpy":
-        fn = numpy_reference_featurizer(config, checkpoints, sketch, data, **kw)
-    else:
-        fn = torch_featurizer(config, checkpoints, sketch, data, device=args.device, dtype=args.torch_dtype,
-                              progress=False, **kw)
+    fn = backend.store_featurizer(config, checkpoints, sketch, data, device=args.device, dtype=args.torch_dtype, **kw)
     batches = batch_ranges(int(data["tokens"].shape[0]), args.batch_size)
     common = dict(shard_size=args.shard_size, summed=args.summed, dtype=args.dtype, split=split, progress=args.progress,
                   config=_run_config(args, config, checkpoints, sketch, groups, data),
@@ -380,8 +325,7 @@ def run_featurize(args: argparse.Namespace) -> int:
                        "then featurise with every rank.")
     if _under_torchrun(args):
         # torchrun: every rank writes its shards, ranks meet on torch.distributed, rank 0 finalises.
-        import sdi_torch.distributed as sd
-
+        sd = _launcher_distributed()
         with sd.process_group() as (rank, _):
             store = sd.featurize_to_store(args.out, fn, batches, consolidate=not args.no_consolidate, **common)
         if rank == 0:
@@ -398,23 +342,36 @@ def run_featurize(args: argparse.Namespace) -> int:
 
 
 def _under_torchrun(args: argparse.Namespace) -> bool:
-    """Launched by torchrun with several processes, ranks not given by hand, torch available."""
+    """Launched by ``torchrun`` with several processes and ranks not given by hand.
+
+    Decided from the environment alone (``torchrun`` sets
+    ``TORCHELASTIC_RUN_ID`` besides ``WORLD_SIZE``), never by importing
+    torch: a plain ``WORLD_SIZE``/``RANK`` from another launcher gives
+    file-based ranks (each writes or scores its share, no collectives).
+    """
     if args.rank is not None or args.world_size is not None or _env_int("WORLD_SIZE", 1) <= 1:
         return False
-    if getattr(args, "backend", None) == "torch":
-        return True
-    import importlib.util
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
 
-    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("sdi_torch") is not None
+
+def _launcher_distributed():
+    """The collectives of the launcher's framework (torchrun: the torch backend's ``distributed``)."""
+    from .backends import get_backend
+
+    dist = get_backend("torch").distributed
+    if dist is None:
+        raise SDIError("running under torchrun, but the installed torch backend offers no distributed glue; "
+                       "reinstall sdi with the torch extra.")
+    return dist()
 
 
 # --------------------------------------------------------------------------- score
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from ._io import check_writable_file, io_errors
-    from .scoring import DENSE_KINDS, parse_bytes, score_store, self_influence_store
-    from .store import FeatureStore
+    from .._io import check_writable_file, io_errors
+    from ..scoring import DENSE_KINDS, parse_bytes, score_store, self_influence_store
+    from ..store import FeatureStore
 
     budget = parse_bytes(args.budget)
     if args.out:
@@ -457,8 +414,7 @@ def run_score(args: argparse.Namespace) -> int:
               normalize=args.normalize, largest=not args.smallest, block_rows=args.block_rows, progress=args.progress)
     if _under_torchrun(args):
         # torchrun: each rank scores its share of the train rows; results are gathered and merged.
-        import sdi_torch.distributed as sd
-
+        sd = _launcher_distributed()
         with sd.process_group() as (rank, _):
             res = sd.score_store(train, query, **kw)
         if rank != 0:
@@ -503,9 +459,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = f.add_argument_group("model and data")
-    src.add_argument("--backend", choices=BACKENDS, default="numpy",
+    from .backends import backend_names
+
+    src.add_argument("--backend", choices=backend_names(), default="numpy",
                      help="numpy: the float64 NumPy reference looped transformer; torch: sdi_torch.models.LoopedGPT "
-                     "with sdi_torch.Attributor")
+                     "with sdi_torch.Attributor (backends with a store featurizer; see `sdi --help`)")
     src.add_argument("--demo", choices=sorted(DEMO_SPLITS),
                      help="use the built-in tiny model and random data of this split instead of --model/--checkpoint/--data")
     src.add_argument("--model", help="JSON file of LoopedConfig fields (vocab_size, d_model, n_heads, tau, ...)")
