@@ -95,9 +95,11 @@ class Attributor:
             (it keeps the workspace and the route choices between calls).
 
     Canonical shapes are the stored shapes (``nn.Linear``: ``(d_out, d_in)``).
-    Activations must be batch-major (see :mod:`sdi_torch.capture` for the
-    operations the capture understands; any other use of a selected parameter
-    raises an error naming the parameter and the operation).  The capture
+    The batch's tensors hold one example per index of axis 0; inside the
+    model the examples may lie on any axis, which the capture follows by
+    provenance (:mod:`sdi_torch.example_axis`), never by size.  See
+    :mod:`sdi_torch.capture` for the uses it factors (others: ``fallback``);
+    ``Features.meta["coverage"]`` says what was captured.  The capture
     holds a reference to each use's input until its gradient arrives, as
     autograd does for a weight that requires grad, so featurisation needs
     about the memory of one forward + backward pass.
