@@ -714,8 +714,16 @@ class BatchCapture:
                             rec.use_index, ignore_index=rec.ignore_index)
         elif rec.kind == "dense-fallback":
             call, rec.act = rec.act, None
-            use = FactorUse(rec.name, rec.step, "dense", None, call.per_example_grad(g, rec.out_prov, B),
-                            rec.use_index)
+            try:
+                per = call.per_example_grad(g, rec.out_prov, B)
+            except Exception as exc:  # noqa: BLE001 - torch.func cannot take this op per example
+                raise SDIError(
+                    f"Parameter {rec.name!r} at step {rec.step}: the exact per-example gradient of its use in "
+                    f"{rec.opname!r} (the fallback for uses without a factor form) failed in torch.func: "
+                    f"{type(exc).__name__}: {exc}. Rewrite the use as a linear map, embedding, scale or bias, "
+                    "or leave the parameter out of the selection."
+                ) from exc
+            use = FactorUse(rec.name, rec.step, "dense", None, per, rec.use_index)
         else:  # dense-add / dense-mul: an N-D parameter broadcast along leading axes
             act, rec.act = rec.act, None
             contrib = g if rec.kind == "dense-add" else g * act
