@@ -61,7 +61,7 @@ def test_unnamed_checkpoints_get_the_same_id_from_every_featurize(jax_x64):
     import sdi_jax
     import sdi_torch
     from sdi_jax import models as jm
-    from sdi_jax.baseline import exact_features, looped_untied_loss
+    from sdi_jax.baseline import looped_untied_loss, untied_baseline
     from sdi_torch.models import LoopedGPT, per_example_loss
 
     w = init_weights(CFG, 2)
@@ -80,9 +80,9 @@ def test_unnamed_checkpoints_get_the_same_id_from_every_featurize(jax_x64):
         "torch untied baseline": sdi_torch.untied_baseline(model, model.block, per_example_loss, [tb])
         .checkpoints[0].id,
         "jax, Checkpoint(params)": j_attr.featurize([jb], [Checkpoint(params)]).checkpoints[0].id,
-        "jax untied baseline": exact_features(looped_untied_loss(CFG), [jb], [Checkpoint(params)],
-                                              loop=lambda p: p["block"], tau=CFG.tau,
-                                              transposed=jm.is_linear_weight).checkpoints[0].id,
+        "jax untied baseline": untied_baseline(looped_untied_loss(CFG), lambda p: p["block"], [jb],
+                                               checkpoints=[Checkpoint(params)], tau=CFG.tau,
+                                               transposed=jm.is_linear_weight).checkpoints[0].id,
     }
     assert set(ids.values()) == {checkpoint_id(w)}, ids
 

@@ -68,10 +68,10 @@ def test_exact_trajectories_equal_untied_vmap_grad(canonical, scan):
                               check_rows=False)  # rows: test_examples_that_interact_are_an_error
     train = attr.featurize(canonical["train"], canonical["ckpts"])
     query = attr.featurize(canonical["query"], canonical["ckpts"])
-    kw = dict(loop=lambda p: p["block"], tau=CFG.tau, extra=EXTRA, transposed=models.is_linear_weight,
-              params=ref.param_infos(CFG))
-    b_train = baseline.exact_features(UNTIED, canonical["train"], canonical["ckpts"], **kw)
-    b_query = baseline.exact_features(UNTIED, canonical["query"], canonical["ckpts"], **kw)
+    kw = dict(tau=CFG.tau, groups=EXTRA, transposed=models.is_linear_weight, params=ref.param_infos(CFG),
+              checkpoints=canonical["ckpts"])
+    b_train = sdi_jax.untied_baseline(UNTIED, lambda p: p["block"], canonical["train"], **kw)
+    b_query = sdi_jax.untied_baseline(UNTIED, lambda p: p["block"], canonical["query"], **kw)
     _assert_features_close(train, b_train, 1e-10, "train features vs untied vmap(grad)")
     _assert_features_close(query, b_query, 1e-10, "query features vs untied vmap(grad)")
     got = sdi_core.influence(train.to_numpy(), query.to_numpy())

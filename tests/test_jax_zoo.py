@@ -3,7 +3,7 @@
 Flax linen (``nn.scan`` with broadcast params), Flax NNX (a Python loop), Equinox (``lax.scan`` over a
 closed-over block), a ``stop_gradient`` prefix of steps and ``jax.checkpoint`` around the body.  Every
 case is float64 with random weights; the capture's exact features must equal
-:func:`sdi_jax.baseline.exact_features` of the same model written with one weight copy per step, to 1e-10.
+:func:`sdi_jax.untied_baseline` of the same model written with one weight copy per step, to 1e-10.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flax import nnx  # noqa: E402
 
 import sdi_core  # noqa: E402
 import sdi_jax  # noqa: E402
-from sdi_jax.baseline import exact_features  # noqa: E402
+from sdi_jax.baseline import untied_baseline  # noqa: E402
 
 V, D, TAU = 11, 8, 3
 TOL = 1e-10
@@ -45,8 +45,8 @@ def assert_exact(loss, untied, params, loop, batch, transposed=()):
     ck = [sdi_core.Checkpoint(params)]
     attr = sdi_jax.Attributor(loss, loop=loop, sketch=sdi_core.Exact(), progress=False)
     got = attr.featurize([batch], ck)
-    want = exact_features(untied, [batch], ck, loop=loop, tau=TAU, params=attr.capture_plan(params, batch).params,
-                          transposed=transposed)
+    want = untied_baseline(untied, loop, [batch], checkpoints=ck, tau=TAU,
+                           params=attr.capture_plan(params, batch).params, transposed=transposed)
     assert got.steps == want.steps, (got.steps, want.steps)
     for g, w in want.data[0].items():
         w = np.asarray(w)
@@ -237,7 +237,7 @@ def test_coverage_report_has_the_torch_structure():
         return xent(eqx_logits(eqx.combine(p, static), b["x"]), b["y"])
 
     attr = sdi_jax.Attributor(loss, loop=lambda p: p.block, sketch=sdi_core.Exact(), progress=False,
-                              extra={"coda": lambda p: p.head})
+                              groups={"coda": lambda p: p.head})
     got = attr.featurize([batch_of(4, 6)], [sdi_core.Checkpoint(params)])
     cov = got.meta["coverage"]
     assert isinstance(cov, sdi_core.Coverage)

@@ -289,8 +289,8 @@ def test_low_precision_models_accumulate_in_float32(dtype, tol):
 
 def test_steps_padding_example_ids_and_progress(capsys):
     model = make_model()
-    attr = attributor(model, progress=True)
-    f = attr.featurize([make_batch(1), make_batch(2)], steps=5, example_ids=range(100, 108))
+    attr = attributor(model, progress=True, steps=5)
+    f = attr.featurize([make_batch(1), make_batch(2)], example_ids=range(100, 108))
     assert f.steps["loop"] == 5 and f.data[0]["loop"].shape[:2] == (8, 5)
     assert float(f.data[0]["loop"][:, 3:].abs().max()) == 0.0
     assert list(f.example_ids) == list(range(100, 108))
@@ -298,7 +298,16 @@ def test_steps_padding_example_ids_and_progress(capsys):
     attr.featurize([make_batch(1)], progress=False)
     assert capsys.readouterr().err == ""
     with pytest.raises(SDIError, match="steps=2"):
-        attr.featurize([make_batch(1)], steps=2)
+        attributor(model, steps=2).featurize([make_batch(1)])
+    with pytest.raises(SDIError, match="steps=0"):
+        attributor(model, steps=0)
+
+
+def test_featurize_steps_is_deprecated_and_still_pads():
+    model = make_model()
+    with pytest.warns(DeprecationWarning, match=r"featurize\(steps=\.\.\.\) is deprecated"):
+        f = attributor(model).featurize([make_batch(1)], steps=5)
+    assert f.steps["loop"] == 5
 
 
 def test_import_is_light():

@@ -17,7 +17,7 @@ from sdi_torch.train import (  # noqa: E402
     checkpoint_steps,
     evaluate,
     learning_rate,
-    load_checkpoint,
+    load_model,
     train,
 )
 
@@ -73,8 +73,8 @@ def test_checkpoints_record_state_step_lr_config(parity, tmp_path):
         assert payload["lr"] == pytest.approx(learning_rate(c.step, cfg), rel=1e-12) and payload["lr"] > 0
         assert payload["lr"] == pytest.approx(res.lrs[c.step - 1], rel=1e-12)
         assert LoopedConfig(**payload["config"]) == model.config
-    # The last checkpoint holds the final weights; load_checkpoint rebuilds the same model.
-    loaded, info = load_checkpoint(res.checkpoints[-1].path)
+    # The last checkpoint holds the final weights; load_model rebuilds the same model.
+    loaded, info = load_model(res.checkpoints[-1].path)
     assert info["step"] == 12
     tokens = torch.as_tensor(test_set.tokens)
     with torch.no_grad():
@@ -168,11 +168,21 @@ def test_bad_train_inputs(parity, tmp_path):
     with pytest.raises(SDIError, match="TrainConfig"):
         train(model, train_set, config={"steps": 3}, progress=False)
     with pytest.raises(SDIError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        load_model(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, bad)
     with pytest.raises(SDIError, match="not an sdi_torch.train checkpoint"):
-        load_checkpoint(bad)
+        load_model(bad)
     with pytest.raises(SDIError, match="loss became"):
         train(model, train_set, TrainConfig(steps=2, warmup=0, n_checkpoints=1),
               loss_fn=lambda m, b: per_example_loss(m, b) * float("nan"), progress=False)
+
+
+def test_load_checkpoint_is_the_deprecated_name_of_load_model(tmp_path):
+    from sdi_torch import train as train_mod
+
+    model = LoopedGPT(LoopedConfig(vocab_size=5, d_model=8, n_heads=2, tau=2, max_len=4))
+    path = train_mod.save_checkpoint(tmp_path / "c.pt", model, step=3, lr=0.5)
+    with pytest.warns(DeprecationWarning, match="use sdi_torch.train.load_model"):
+        loaded, info = train_mod.load_checkpoint(path)
+    assert info["step"] == 3 and isinstance(loaded, LoopedGPT)

@@ -27,6 +27,7 @@ _EXPORTS = {
     "CapturePlan": "capture",
     "leaf_names": "capture",
     "loop_step": "capture",
+    "untied_baseline": "baseline",
     "exact_features": "baseline",
 }
 

@@ -103,7 +103,11 @@ class Attributor:
             the examples run one at a time (as the capture runs them) with
             ``loss_fn`` on the whole batch, and raise if they differ (examples
             that interact make per-example gradients meaningless).  Costs one
-            jitted forward pass per batch shape.
+            jitted forward pass per batch shape.  None (the default, as in
+            sdi_torch): on.
+        params: the model's current weights (a params pytree), the JAX
+            counterpart of a torch model's own parameters: ``featurize`` with
+            ``checkpoints=None`` uses them with ``eta = 1``.
 
     Parameter names are dotted pytree paths (``block.mlp.fc1.weight``);
     shapes are canonical (a kernel stored ``(d_in, d_out)`` and used as
@@ -125,7 +129,8 @@ class Attributor:
         order: str = "forward",
         jit: bool = True,
         progress: bool = True,
-        check_rows: bool = True,
+        check_rows: bool | None = None,
+        params: Any = None,
         extra: Mapping[str, Callable] | None = None,
     ) -> None:
         if extra is not None:
@@ -170,7 +175,8 @@ class Attributor:
         self.fallback = fallback
         self.jit = bool(jit)
         self.progress = bool(progress)
-        self.check_rows = bool(check_rows)
+        self.check_rows = True if check_rows is None else bool(check_rows)
+        self.params = params
         self._rows_checked: set = set()
         self._loss_jit = None
         self._plans: dict = {}
@@ -290,7 +296,7 @@ class Attributor:
     def featurize(
         self,
         batches,
-        checkpoints: Sequence[Checkpoint],
+        checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
         *,
         example_ids=None,
         progress: bool | None = None,
@@ -306,7 +312,9 @@ class Attributor:
                 is a params pytree (``eta`` defaults to 1.0; the id to
                 ``name`` or :func:`sdi_core.checkpoint_id` of the params,
                 the same id sdi_torch gives the same weights).  A bare
-                pytree is taken as ``Checkpoint(pytree)``.
+                pytree is taken as ``Checkpoint(pytree)``.  None: the
+                Attributor's ``params`` with ``eta = 1`` (as sdi_torch uses
+                the model's current weights).
             example_ids: optional ``[N]`` ints; default ``0 .. N-1``.
             progress: override the Attributor's ``progress``.
             summed: features summed over steps (``[N, 1, D_g]``, ``Features.summed``).
@@ -316,6 +324,11 @@ class Attributor:
             block of jax arrays per checkpoint; ``meta["routes"]`` holds the
             outer-product routes chosen.
         """
+        if checkpoints is None:
+            if self.params is None:
+                raise SDIError("featurize(checkpoints=None) uses the Attributor's params, and none were given: pass "
+                               "checkpoints=[sdi_core.Checkpoint(params, eta=...)] or Attributor(..., params=params).")
+            checkpoints = [Checkpoint(self.params)]
         ckpts = _as_checkpoints(checkpoints)
         first_key = _struct_key(ckpts[0].source)
         for k, c in enumerate(ckpts[1:], start=1):
@@ -365,7 +378,7 @@ class _Session:
         routes = {}
         for engine in self._engines:
             routes.update(engine.routes())
-        return {"backend": "sdi_jax", "routes": routes, "coverage": self._coverage}
+        return {"backend": "jax", "routes": routes, "coverage": self._coverage}
 
 
 def _as_checkpoints(checkpoints) -> list[Checkpoint]:

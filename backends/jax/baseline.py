@@ -15,6 +15,8 @@ models and tests.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping
 from functools import partial
 from typing import Callable, Collection, Sequence
@@ -31,7 +33,7 @@ from sdi_core.specs import Exact, SketchPlan
 from .attributor import _as_checkpoints, _Session
 from .capture import flat_batch_axes, leaf_names, select_leaves
 
-__all__ = ["untied_per_step_gradients", "exact_features", "looped_untied_loss"]
+__all__ = ["untied_per_step_gradients", "untied_baseline", "exact_features", "looped_untied_loss"]
 
 
 def _is_transposed(transposed) -> Callable[[str], bool]:
@@ -113,14 +115,14 @@ def untied_per_step_gradients(
     return out
 
 
-def exact_features(
+def untied_baseline(
     untied_loss_fn: Callable,
-    batches,
-    checkpoints: Sequence[Checkpoint],
-    *,
     loop: Callable,
+    batches,
+    *,
+    groups: Mapping[str, Callable] | None = None,
+    checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
     tau: int,
-    extra: Mapping[str, Callable] | None = None,
     transposed: Collection[str] | Callable[[str], bool] = (),
     params: Sequence[ParamInfo] | None = None,
     batch_axes=0,
@@ -129,7 +131,19 @@ def exact_features(
 ) -> Features:
     """:class:`sdi_core.Features` under :class:`sdi_core.Exact` from untied ``vmap(grad)`` gradients.
 
+    The same name and shared arguments (``loop``, ``groups``, ``checkpoints``,
+    ``summed``) as :func:`sdi_torch.untied_baseline`.
+
     Args:
+        untied_loss_fn: ``(params, copies, batch) -> [B]`` with one copy of the
+            loop leaves per step (see :func:`untied_per_step_gradients`).
+        loop: selector of the looped leaves, ``lambda p: p["block"]``.
+        batches: iterable of batches (or one batch as a Mapping).
+        groups: further single-slot groups, ``{group: selector}``.
+        checkpoints: :class:`sdi_core.Checkpoint` objects of params pytrees.
+            Required: a pure JAX loss has no weights of its own (unlike a torch
+            model, whose current weights ``None`` means).
+        tau: loop steps of the untied loss.
         params: the layout's parameters (names, canonical shapes, groups,
             order); default: every selected leaf, groups in the conventional
             order and leaves in selection order.
@@ -141,9 +155,24 @@ def exact_features(
         Features comparable with an Attributor's ``Exact()`` features of the
         tied loss (same checkpoint ids: ``name`` or :func:`sdi_core.checkpoint_id`).
     """
-    session = _UntiedSession(untied_loss_fn, _as_checkpoints(checkpoints), loop=loop, tau=tau, extra=extra,
+    if checkpoints is None:
+        raise SDIError("untied_baseline: pass checkpoints=[sdi_core.Checkpoint(params, eta=...)]; a JAX loss has no "
+                       "weights of its own.")
+    session = _UntiedSession(untied_loss_fn, _as_checkpoints(checkpoints), loop=loop, tau=tau, extra=groups,
                              transposed=transposed, params=params, batch_axes=batch_axes)
     return driver.featurize(session, batches, session.ckpts, example_ids=example_ids, summed=summed, progress=False)
+
+
+def exact_features(untied_loss_fn: Callable, batches, checkpoints: Sequence[Checkpoint], *, loop: Callable, tau: int,
+                   extra: Mapping[str, Callable] | None = None, **kwargs) -> Features:
+    """Deprecated name of :func:`untied_baseline` (a DeprecationWarning; removed in the next release).
+
+    ``extra`` is :func:`untied_baseline`'s ``groups``.
+    """
+    warnings.warn("sdi_jax.baseline.exact_features is deprecated and will be removed in the next release; use "
+                  "sdi_jax.untied_baseline(untied_loss_fn, loop, batches, checkpoints=..., groups=..., tau=...), "
+                  "the name sdi_torch uses.", DeprecationWarning, stacklevel=2)
+    return untied_baseline(untied_loss_fn, loop, batches, groups=extra, checkpoints=checkpoints, tau=tau, **kwargs)
 
 
 class _UntiedSession(_Session):

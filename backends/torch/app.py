@@ -85,7 +85,7 @@ def featurize(model, sketch, data: Mapping[str, np.ndarray], checkpoints, *,
 
 def load_checkpoint(path):
     """``(LoopedConfig, canonical NumPy weights)`` of a ``.pt`` file written by :func:`sdi_torch.train.train`."""
-    from .train import load_checkpoint as load_model
+    from .train import load_model
 
     model, _ = load_model(path)
     return model.config, model.to_numpy()
@@ -117,14 +117,14 @@ def store_featurizer(config, checkpoints, sketch, data, *, groups=("loop",), tau
     def loss_fn(m, batch):
         return models.per_example_loss(m, batch, tau=tau)
 
-    attr = Attributor(model, loop=model.block, loss_fn=loss_fn, sketch=sketch,
+    attr = Attributor(model, loop=model.block, loss_fn=loss_fn, sketch=sketch, steps=steps,
                       groups={g: v for g, v in extra.items() if v}, progress=progress)
     ckpts = as_checkpoints(checkpoints, lambda w: {k: torch.as_tensor(v, dtype=tdtype, device=device)
                                                    for k, v in w.items()})
 
     def featurize_rows(ranges):
         batches = [{k: torch.as_tensor(v, device=device) for k, v in rows(data, a, b).items()} for a, b in ranges]
-        return attr.featurize(batches, ckpts, steps=steps, example_ids=example_ids(data, ranges), summed=summed)
+        return attr.featurize(batches, ckpts, example_ids=example_ids(data, ranges), summed=summed)
 
     return featurize_rows
 

@@ -6,6 +6,7 @@ import os
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,9 @@ class Attributor:
             "coda": [model.ln_f, model.head]}`` (modules, parameters or dotted
             names).  A tied embedding/unembedding goes in one group; both its
             uses land in that group's slot.
+        steps: the number of loop steps: every batch's loop axis is padded
+            to this many (default: the most steps any batch ran).  Same name
+            and place as in sdi_jax; ``featurize(steps=)`` is deprecated.
         train_mode: featurise in train mode (dropout on).  Default False: a
             model in train mode is switched to eval mode for featurisation,
             with a warning, and switched back afterwards.
@@ -116,6 +120,7 @@ class Attributor:
         sketch: TensorSketch | Exact | None = None,
         *,
         groups: Mapping[str, Any] | None = None,
+        steps: int | None = None,
         train_mode: bool = False,
         batch_size: Callable | int | None = None,
         progress: bool = True,
@@ -138,6 +143,7 @@ class Attributor:
             raise SDIError(f"fallback must be 'dense' or 'error', got {fallback!r}.")
         self.fallback = fallback
         self.check_rows = (not self.train_mode) if check_rows is None else bool(check_rows)
+        self.steps = _check_steps(steps)
         self.engine = SketchEngine(self.plan, method="auto" if self.fast else "portable")
         self._weights_id = None
 
@@ -175,8 +181,8 @@ class Attributor:
                 Weights are loaded into the model and restored afterwards.
                 An unnamed checkpoint's id is :func:`sdi_core.checkpoint_id`
                 of its weights (the same id sdi_jax gives the same weights).
-            steps: pad every batch's loop axis to this many steps (default:
-                the most steps any batch ran).
+            steps: deprecated (a DeprecationWarning; removed in the next
+                release): pass ``steps`` to the Attributor instead.
             example_ids: optional integer ids, one per example (default: none).
             progress: override the Attributor's ``progress``.
             summed: return features summed over steps (``[N, 1, D_g]``,
@@ -204,8 +210,16 @@ class Attributor:
                 stacklevel=2,
             )
         show = self.progress if progress is None else progress
+        if steps is not None:
+            warnings.warn("Attributor.featurize(steps=...) is deprecated and will be removed in the next release; "
+                          "pass steps=... to the Attributor (as in sdi_jax).", DeprecationWarning, stacklevel=2)
+        return self._featurize(batches, ckpts, steps=steps, example_ids=example_ids, summed=summed, progress=show)
+
+    def _featurize(self, batches, ckpts, *, steps, example_ids, summed, progress) -> Features:
+        """:meth:`featurize` after its checks; ``steps`` None: the Attributor's own."""
+        steps = self.steps if steps is None else _check_steps(steps)
         return driver.featurize(_CaptureSession(self, restore=ckpts is not None), batches, ckpts, steps=steps,
-                                example_ids=example_ids, summed=summed, progress=show, desc="sdi_torch batches",
+                                example_ids=example_ids, summed=summed, progress=progress, desc="sdi_torch batches",
                                 default_ids=False)
 
     def _current_weights_id(self) -> str:
@@ -382,6 +396,14 @@ def _example(batch, i: int, n: int):
 
     return tree_map(lambda x: x[i:i + 1] if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == n else x,
                     batch)
+
+
+def _check_steps(steps):
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+        raise SDIError(f"steps={steps!r}: the number of loop steps must be a positive int (or None).")
+    return int(steps)
 
 
 def _checkpoint_list(checkpoints) -> list[Checkpoint] | None:

@@ -33,6 +33,8 @@ from sdi_core import Features, SDIError
 from sdi_core import scoring as _scoring
 from sdi_core import store as _store
 
+from .attributor import _checkpoint_list
+
 __all__ = ["init_from_env", "process_group", "rank_and_world", "featurize_to_store", "score_store", "attributor_featurizer"]
 
 
@@ -178,7 +180,7 @@ def attributor_featurizer(
     a mapping with an ``ids_key`` entry (int ``[B]``), it is removed from the
     batch and used as the example ids; otherwise the store has no ids (rows
     are identified by position).  ``steps`` pads every batch to the same loop
-    count (needed when batches may exit early).
+    count (needed when batches may exit early); None: the Attributor's own ``steps``.
     """
 
     def featurize(batch_list: list) -> Features:
@@ -190,8 +192,8 @@ def attributor_featurizer(
             clean.append(b)
         if ids and len(ids) != len(clean):
             raise SDIError(f"Some batches carry {ids_key!r} and some do not; give ids for all batches or none.")
-        f = attributor.featurize(clean, checkpoints, steps=steps, example_ids=np.concatenate(ids) if ids else None,
-                                 progress=False)
+        f = attributor._featurize(clean, _checkpoint_list(checkpoints), steps=steps,
+                                  example_ids=np.concatenate(ids) if ids else None, summed=False, progress=False)
         if not ids:
             f.example_ids = None
         return f.to_numpy() if to_numpy else f

@@ -9,7 +9,7 @@ a ``torch.save`` file holding
 - ``"step"``: the optimiser step the weights were taken after,
 - ``"lr"``: the learning rate in force at that step (TracIn's ``eta_k``),
 - ``"config"``: the model's :class:`~sdi_core.reference.looped_transformer.LoopedConfig`
-  as a plain dict (so :func:`load_checkpoint` rebuilds the model),
+  as a plain dict (so :func:`load_model` rebuilds the model),
 
 plus ``"train_config"`` (this module's :class:`TrainConfig` as a dict).  Every
 value is a tensor, number, string, bool or dict of those, so the files load
@@ -44,6 +44,7 @@ __all__ = [
     "train",
     "evaluate",
     "learning_rate",
+    "load_model",
     "load_checkpoint",
     "save_checkpoint",
     "checkpoint_steps",
@@ -156,8 +157,9 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, step: int, 
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Rebuild the looped model saved by :func:`train`.
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Rebuild the looped model saved by :func:`train` (``sdi_torch.load_checkpoint`` instead loads a
+    checkpoint into a model you already have).
 
     Returns:
         ``(model, info)``: a :class:`sdi_torch.models.LoopedGPT` in eval mode
@@ -182,6 +184,19 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None):
     model.eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, info
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Deprecated name of :func:`load_model` (a DeprecationWarning; removed in the next release).
+
+    ``sdi_torch.load_checkpoint(model, checkpoint)`` is the one function of that name.
+    """
+    import warnings
+
+    warnings.warn("sdi_torch.train.load_checkpoint is deprecated and will be removed in the next release; use "
+                  "sdi_torch.train.load_model(path) (it rebuilds the model). sdi_torch.load_checkpoint(model, "
+                  "checkpoint) loads a checkpoint into an existing model.", DeprecationWarning, stacklevel=2)
+    return load_model(path, dtype)
 
 
 @torch.no_grad()

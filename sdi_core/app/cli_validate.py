@@ -247,7 +247,7 @@ def _attributions(s: ValidationSettings, model, checkpoints, train_tokens, train
 
 
 def _run(s: ValidationSettings) -> dict:
-    from sdi_torch.train import TrainConfig, evaluate, load_checkpoint, train
+    from sdi_torch.train import TrainConfig, evaluate, load_model, train
     from sdi_torch.validate import LoopedGPTRetrainer, initial_model
 
     from .. import self_influence
@@ -283,7 +283,7 @@ def _run(s: ValidationSettings) -> dict:
     if not checkpoints:
         raise SDIError("no checkpoint falls after the warm start; raise --n-checkpoints or lower --warm-start.")
     if warm is not None:
-        retrainer = dataclasses.replace(retrainer, warm_start=load_checkpoint(warm.path)[0].to_numpy(),
+        retrainer = dataclasses.replace(retrainer, warm_start=load_model(warm.path)[0].to_numpy(),
                                         warm_start_step=warm.step)
     _, test_acc = evaluate(model, test_set, task=task)
     step_acc = [evaluate(model, test_set, task=task, tau=t)[1] for t in retrainer.readout_steps]
