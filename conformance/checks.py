@@ -362,6 +362,26 @@ def check_factor_stream(backend, model: str = "looped_transformer") -> None:
     _compare_streams(ctx, got, ref, call, ctx.rtol)
 
 
+def check_sequence_first_body(backend, model: str = "seq_first_mlp") -> None:
+    """A sequence-first body (``[T, B, d]`` activations) gives the reference's exact features, also when the
+    batch size equals the sequence length.
+
+    A backend that reads the example axis from sizes refuses the first batch (no leading axis of size B)
+    or, worse, silently credits rows to the wrong examples in the second (B == T): both fail here.
+    """
+    ctx = _make_ctx(backend, model)
+    T = int(ctx.spec.arch["tokens"])
+    plan = SketchPlan(Exact(), ctx.spec.params)
+    for size in (T + 2, T):
+        handle = ctx.build()
+        batch = ctx.spec.batch(size, seed=3)
+        call = ctx.call(f"backend.featurize(handle, [a batch of {size} examples of {T} tokens], Exact())")
+        got = ctx.featurize(handle, [batch], Exact())
+        _check_features_structure(ctx, got, plan, size, 1, call)
+        want = _reference_features(ctx.spec, plan, [batch], [ctx.spec.weights])
+        _compare_features(ctx, got, want, call, f"exact features with B {'==' if size == T else '!='} T")
+
+
 def check_per_step_gradients(backend, model: str = "looped_transformer") -> None:
     """Per-step gradients equal the reference, and sum over steps to the gradient of the tied weights.
 
@@ -908,6 +928,7 @@ class CheckSpec:
     func: Callable[..., None]
     models: str | tuple[str, ...] = "all"
     requires: str | None = None
+    required: bool = False  # generated even when the backend does not declare the model: it must support it
 
     @property
     def name(self) -> str:
@@ -921,6 +942,7 @@ ALL_CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec(check_parameters_roundtrip),
     CheckSpec(check_factor_stream),
     CheckSpec(check_per_step_gradients),
+    CheckSpec(check_sequence_first_body, ("seq_first_mlp",), required=True),
     CheckSpec(check_sketched_features),
     CheckSpec(check_tracin_conservation),
     CheckSpec(check_batch_split_invariance),
@@ -972,6 +994,8 @@ def yield_checks(backend, checks: Sequence[str] | None = None) -> Iterator[tuple
             continue
         if spec.models == "all":
             models = supported
+        elif spec.required:
+            models = list(spec.models[:1])
         else:
             models = [m for m in spec.models if m in caps.models][:1]
         for m in models:

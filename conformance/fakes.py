@@ -401,6 +401,29 @@ class SelectionIgnoredInLayout(_Fake):
         return Features(data, plan.layout, feats.checkpoints, feats.steps, feats.example_ids)
 
 
+class BatchAxisBySize(_Fake):
+    """Finds the example axis from sizes: a sequence-first activation ``[T, B, d]`` has no leading axis of size
+    B, so it refuses when B != T; when B == T it takes the token axis for the example axis and credits every
+    token's factors to the wrong example, silently (what sdi_torch did before the example axis was tracked)."""
+
+    meant_for = ("check_sequence_first_body",)
+
+    def _uses(self, model, batch, weights=None):
+        uses = super()._uses(model, batch, weights)
+        if not (self.broken and model.spec.arch.get("seq_first")):
+            return uses
+        b, t = np.asarray(batch["x"]).shape[:2]
+        for u in uses:
+            if u.param.startswith("block.") or u.param.startswith("embed."):
+                if b != t:
+                    raise ValueError(f"activation of shape {(t, b) + u.grad_output.shape[2:]} has no leading "
+                                     f"batch axis of size {b}")
+                u.grad_output = np.swapaxes(u.grad_output, 0, 1)  # read [T, B, d] as [B, T, d]
+                if u.activation is not None:
+                    u.activation = np.swapaxes(u.activation, 0, 1)
+        return uses
+
+
 FAKES: dict[str, type[_Fake]] = {
     cls.__name__: cls
     for cls in (
@@ -408,7 +431,7 @@ FAKES: dict[str, type[_Fake]] = {
         HookLeftBehind, StateMutated, GlobalStateChanged, BatchMeanLoss, AccumulatorNotReset, TransposedParameters,
         JitStaleCache, DevicesDisagree, AcceptsBadCheckpoint, NaNsZeroed, IgnoresSelection, LocalCheckpointIds,
         SketchNotRecorded,
-        CheckpointIdsByPosition, SelectionIgnoredInLayout,
+        CheckpointIdsByPosition, SelectionIgnoredInLayout, BatchAxisBySize,
     )
 }  # fmt: skip
 """Fake name -> class; ``cls.meant_for`` names the checks it must fail."""

@@ -39,6 +39,15 @@ Two architecture families (``spec.arch["family"]``):
     tests the "selection never used" error.  Batches: ``x`` float64
     ``[B, d_in]``, ``y`` int64 ``[B]``.
 
+    With ``tokens`` set (``seq_first_mlp``) the inputs have a token axis,
+    ``x`` float64 ``[B, T, d_in]``, the body acts on every token, and the
+    head reads the mean over tokens: ``logits = mean_t(h) @ head.weight^T +
+    head.bias``.  With ``seq_first`` the backend must run the body on
+    sequence-first activations (``h.transpose(0, 1)``, ``[T, B, d]``, before
+    the loop, back after it), as PyTorch's default layers do; the factors it
+    reports are the same (examples first), so a backend that finds the
+    example axis from sizes fails, and with ``B == T`` it fails silently.
+
 The canonical models (:data:`CANONICAL_MODELS`):
 
 =====================  ====================  ==================================================
@@ -52,6 +61,7 @@ name                   family                what it exercises
 ``early_exit``          looped_transformer   ``n_steps`` per example: steps whose output
                                              never reaches some examples' loss
 ``weight_used_twice``   looped_mlp           one weight used twice in every step
+``seq_first_mlp``       looped_mlp           a token axis and a sequence-first body ``[T, B, d]``
 =====================  ====================  ==================================================
 
 Every parameter of a model is selected (``spec.params``, in definition order,
@@ -81,7 +91,8 @@ __all__ = [
     "mlp_loss_and_factors",
 ]
 
-CANONICAL_MODELS = ("looped_transformer", "looped_mlp", "prelude_coda_tied", "early_exit", "weight_used_twice")
+CANONICAL_MODELS = ("looped_transformer", "looped_mlp", "prelude_coda_tied", "early_exit", "weight_used_twice",
+                    "seq_first_mlp")
 
 _SEQ_LEN = 5
 # Early-exit loop counts, cycled over the batch.  Every half of a 4-row batch
@@ -137,7 +148,8 @@ class ModelSpec:
             if self.arch.get("early_exit"):
                 out["n_steps"] = np.array([_EARLY_EXIT_STEPS[i % 4] for i in range(size)], dtype=np.int64)
             return out
-        x = rng.standard_normal((size, self.arch["d_in"]))
+        tokens = self.arch.get("tokens")
+        x = rng.standard_normal((size, self.arch["d_in"]) if not tokens else (size, tokens, self.arch["d_in"]))
         y = rng.integers(0, self.arch["n_classes"], size, dtype=np.int64)
         return {"x": x, "y": y}
 
@@ -180,9 +192,12 @@ class ModelSpec:
                 f"heads={c['n_heads']}, tau={c['tau']}, T={_SEQ_LEN}{more})"
             )
         a = self.arch
+        tok = f", T={a['tokens']} tokens" if a.get("tokens") else ""
         return (
             f"{self.name!r} (looped MLP, body {a['body']}: d_in={a['d_in']}, d_hidden={a['d_hidden']}, "
-            f"tau={a['tau']}{', with an unused parameter unused.weight' if a.get('unused_param') else ''})"
+            f"tau={a['tau']}{', with an unused parameter unused.weight' if a.get('unused_param') else ''}"
+            f"{tok}"
+            f"{', sequence-first body [T, B, d]' if a.get('seq_first') else ''})"
         )
 
     # -------------------------------------------------------- references
@@ -286,8 +301,10 @@ def mlp_loss_and_factors(weights, arch, batch, select=None) -> tuple[np.ndarray,
     W = _check_mlp_weights(weights, arch)
     x = np.asarray(batch["x"], dtype=np.float64)
     y = np.asarray(batch["y"])
-    if x.ndim != 2 or x.shape[1] != arch["d_in"]:
-        raise SDIError(f"looped_mlp batch['x'] must be float [B, {arch['d_in']}], got shape {x.shape}.")
+    tokens = arch.get("tokens")
+    want = (arch["d_in"],) if not tokens else (tokens, arch["d_in"])
+    if x.shape[1:] != want:
+        raise SDIError(f"looped_mlp batch['x'] must be float [B, {', '.join(map(str, want))}], got shape {x.shape}.")
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
         raise SDIError(f"looped_mlp batch['y'] must be int [B] = [{x.shape[0]}], got {y.dtype} {y.shape}.")
     uses: list[FactorUse] = []
@@ -323,7 +340,7 @@ def mlp_loss_and_factors(weights, arch, batch, select=None) -> tuple[np.ndarray,
             a2 = np.tanh(z2)
             caches.append((a1, a2, c1, c2))
             h = h + a2
-    logits, c_head = linear(h, "head", 0)
+    logits, c_head = linear(h.mean(axis=1) if tokens else h, "head", 0)
 
     shifted = logits - logits.max(axis=1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -333,6 +350,8 @@ def mlp_loss_and_factors(weights, arch, batch, select=None) -> tuple[np.ndarray,
     dlogits[rows, y] -= 1.0  # d(loss_b)/d(logits_b): rows independent
 
     dh = linear_bwd(dlogits, c_head)
+    if tokens:  # the mean over tokens
+        dh = np.repeat(dh[:, None, :] / tokens, tokens, axis=1)
     for cache in reversed(caches):
         if arch["body"] == "two_layer":
             a, c1, c2 = cache
@@ -364,9 +383,9 @@ def _transformer_spec(name: str, description: str, early_exit: bool = False, **c
     return ModelSpec(name, arch, weights, params, steps, description)
 
 
-def _mlp_spec(name: str, description: str, body: str) -> ModelSpec:
+def _mlp_spec(name: str, description: str, body: str, **extra) -> ModelSpec:
     arch = {"family": "looped_mlp", "d_in": 5, "d_hidden": 8, "d_mlp": 12, "n_classes": 4, "tau": 3,
-            "body": body, "unused_param": False}  # fmt: skip
+            "body": body, "unused_param": False, **extra}  # fmt: skip
     weights = _mlp_init(arch, seed=_name_seed(name) % 1000)
     params = tuple(ParamInfo(n, s, _mlp_group(n)) for n, s in mlp_param_shapes(arch).items())
     return ModelSpec(name, arch, weights, params, {"prelude": 1, "loop": arch["tau"], "coda": 1}, description)
@@ -387,6 +406,8 @@ def _build(name: str) -> ModelSpec:
         return _transformer_spec(name, "per-example loop counts (n_steps)", early_exit=True, tau=3)
     if name == "weight_used_twice":
         return _mlp_spec(name, "one weight used twice per step", "shared_twice")
+    if name == "seq_first_mlp":
+        return _mlp_spec(name, "a token axis, sequence-first body", "two_layer", tokens=_SEQ_LEN, seq_first=True)
     raise SDIError(f"Unknown canonical model {name!r}; the canonical models are {list(CANONICAL_MODELS)}.")
 
 

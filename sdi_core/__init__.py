@@ -4,6 +4,7 @@ Imports NumPy and array-api-compat only; never torch or jax.
 """
 from .factors import FactorUse, ParamInfo, SDIError, StackedUse
 from .specs import Exact, FeatureLayout, SketchPlan, TensorSketch
+from .coverage import Coverage
 from .features import Checkpoint, CheckpointInfo, Features
 from .countsketch import HashTable, countsketch
 from .sketch import choose_route, outer_features
@@ -15,6 +16,7 @@ from .algebra import InfluenceResult, TopK, influence, self_influence
 __version__ = "0.1.0"
 
 __all__ = [
+    "Coverage",
     "Checkpoint",
     "CheckpointInfo",
     "Exact",

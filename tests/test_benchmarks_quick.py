@@ -30,6 +30,7 @@ SCRIPTS = {
     "bench_jax_featurize.py": ["--out-dir", "{out}"],
     "gpu_check.py": ["--sections", "scoring", "--out-dir", "{out}"],  # every section: tests/test_gpu_check.py
     "tasks.py": ["--out-dir", "{out}", "--tasks", "parity", "sudoku", "--seeds", "0"],
+    "bench_capture_vs_ref.py": ["--ref", "HEAD", "--out-dir", "{out}"],
 }
 TESTED_ELSEWHERE = {
     "bench_routes.py": "tests/test_bench_routes.py",
@@ -71,6 +72,16 @@ def test_every_benchmark_script_has_a_quick_test():
     assert not untested, f"benchmark scripts without a --quick test: {untested}; add them to SCRIPTS"
     missing = sorted(set(SCRIPTS) - scripts)
     assert not missing, f"SCRIPTS names scripts that do not exist: {missing}"
+
+
+def test_capture_vs_ref_quick_runs_a_git_reference_beside_today(tmp_path):
+    run_quick("bench_capture_vs_ref.py", tmp_path)
+    res = load(tmp_path, "capture_vs_ref_quick.json")
+    s = res["summary"]
+    assert set(s) == {"fwd_bwd", "ref m=256", "new m=256 (no row check)", "new m=256"}, list(s)
+    for name in ("new m=256 (no row check)", "new m=256"):
+        assert s[name]["vs_ref_paired_min"] <= s[name]["vs_ref_paired_median"] <= s[name]["vs_ref_paired_max"]
+    assert "valid" in res["load"] and res["config"]["ref"] == "HEAD"
 
 
 def test_fidelity_quick(tmp_path):

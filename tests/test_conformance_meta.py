@@ -134,7 +134,8 @@ def test_decorator_ids_are_check_ids():
     mark = parametrize_with_checks(numpy_backend, checks=["check_factor_stream"])
     ids = [p.id for p in mark.args[1]]
     assert ids == [f"check_factor_stream[{m}]" for m in
-                   ("looped_transformer", "looped_mlp", "prelude_coda_tied", "early_exit", "weight_used_twice")], ids
+                   ("looped_transformer", "looped_mlp", "prelude_coda_tied", "early_exit", "weight_used_twice",
+                    "seq_first_mlp")], ids
 
 
 def test_check_failure_is_an_assertion_error():

@@ -55,7 +55,7 @@ def test_plugin_runs_checks_and_prints_backend_in_header(project):
     assert rc == 0, out
     assert "sdi-conformance: backend numpy-reference" in out, out
     assert "capabilities float64=True jit=False" in out, out
-    assert "6 passed" in out and "test_own" not in out, out
+    assert "7 passed" in out and "test_own" not in out, out  # 6 models x factor stream + 1
 
 
 def test_plugin_takes_backend_from_environment_and_reports_failures(project):
@@ -69,7 +69,7 @@ def test_plugin_xfail_option_marks_expected_failures(project):
     rc, out = _pytest(project, "-q", "--sdi-backend", BROKEN_BACKEND, "--sdi-xfail",
                       "check_factor_stream=steps reversed on purpose", "-k", "check_factor_stream")
     assert rc == 0, out
-    assert "5 xfailed" in out, out
+    assert "6 xfailed" in out, out  # factor stream on the 6 canonical models
 
 
 @pytest.mark.parametrize("name, pattern", [
@@ -85,7 +85,7 @@ def test_plugin_fails_loudly_on_unknown_backend(project, name, pattern):
 def test_module_runner_exit_codes(tmp_path):
     rc, out = _run(["-m", "sdi_conformance", NUMPY_BACKEND, "--check", "check_factor_stream"], tmp_path)
     assert rc == 0, out
-    assert "PASSED   check_factor_stream[looped_transformer]" in out and "5 passed" in out, out
+    assert "PASSED   check_factor_stream[looped_transformer]" in out and "6 passed" in out, out
     rc, out = _run(["-m", "sdi_conformance", BROKEN_BACKEND, "--check", "check_factor_stream"], tmp_path)
     assert rc == 1, out
     assert "FAILED   check_factor_stream[early_exit]" in out and "called:" in out, out

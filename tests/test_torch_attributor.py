@@ -369,7 +369,9 @@ class Borrowing(nn.Module):
     def forward(self, tokens):
         h = self.emb(tokens)
         for _ in range(self.tau):
-            if self.einsum:
+            if self.einsum == "linear":
+                h = h + F.linear(h, self.body.weight)
+            elif self.einsum:
                 h = h + torch.einsum("btd,ed->bte", h, self.body.weight)
             else:
                 h = h + torch.tanh(self.body(h))
@@ -386,9 +388,11 @@ def test_bad_loop_selections():
     with pytest.raises(SDIError, match=r"used different numbers of times.*'emb.weight': 1"):
         sdi_torch.Attributor(model, [model.body.weight, model.emb.weight], _token_loss,
                              progress=False).featurize([batch])
-    with pytest.raises(SDIError, match=r"\['unused.weight', 'unused.bias'\] are never used"):
-        sdi_torch.Attributor(model, model.body.weight, _token_loss, groups={"coda": [model.head, model.unused]},
-                             progress=False).featurize([batch])
+    with pytest.warns(UserWarning, match=r"\['unused.weight', 'unused.bias'\] are never used"):
+        got = sdi_torch.Attributor(model, model.body.weight, _token_loss,
+                                   groups={"coda": [model.head, model.unused]}, progress=False).featurize([batch])
+    assert got.meta["coverage"].unused == ["unused.weight", "unused.bias"]
+    assert "unused.weight: NEVER USED" in got.meta["coverage"].describe()
     with pytest.raises(SDIError, match="not a submodule"):
         sdi_torch.Attributor(model, nn.Linear(2, 2), _token_loss)
     with pytest.raises(SDIError, match="no submodule or parameter named 'blok'"):
@@ -403,10 +407,14 @@ def test_bad_loop_selections():
                              progress=False).featurize([batch])
 
 
-def test_unsupported_operation_names_parameter_and_operation():
+def test_einsum_linear_map_is_a_linear_use_equal_to_the_matmul_form():
     model = Borrowing(einsum=True).double().eval()
-    with pytest.raises(SDIError, match=r"Parameter 'body.weight'.*operation 'einsum'"):
-        sdi_torch.Attributor(model, [model.body.weight], _token_loss, progress=False).featurize([make_batch(1)])
+    plain = Borrowing(einsum="linear").double().eval()  # the same map through F.linear
+    plain.load_state_dict(model.state_dict())
+    got = [sdi_torch.Attributor(m, [m.body.weight], _token_loss, sdi_core.Exact(), progress=False,
+                                fallback="error").featurize([make_batch(1)]) for m in (model, plain)]
+    assert got[0].meta["coverage"].uses["body.weight"] == got[1].meta["coverage"].uses["body.weight"]
+    assert max_err(got[0].data[0]["loop"], got[1].data[0]["loop"]) <= 1e-12
 
 
 class Ckpt(nn.Module):

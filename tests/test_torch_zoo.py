@@ -410,3 +410,68 @@ def test_batch_norm_in_train_mode_is_refused():
     m.eval()  # running statistics: rows independent, exact
     got = sdi_torch.Attributor(m, loop, token_loss, sdi_core.Exact(), progress=False).featurize([token_batch(4, 6)])
     assert got.steps["loop"] == TAU
+
+
+# --------------------------------------------------------------------------- uses without a factor form
+
+
+class OddUsesBody(nn.Module):
+    """Selected weights used through einsum, batch norm's affine and a division."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.randn(D, D) / D ** 0.5)
+        self.s = nn.Parameter(torch.rand(D) + 0.5)
+        self.bn = nn.BatchNorm1d(D)
+
+    def forward(self, h):
+        if self.how == "einsum_linear":  # a linear map written as einsum: captured as a linear use
+            z = torch.einsum("btd,ed->bte", h, self.w)
+        elif self.how == "einsum_seq_first":
+            z = torch.einsum("tbd,de->bte", h.transpose(0, 1), self.w)
+        elif self.how == "einsum_bilinear":  # no factor form: the exact per-example gradient
+            z = torch.einsum("btd,de,bte->bt", h, self.w, h)[..., None] * h
+        elif self.how == "divide":
+            z = h / self.s
+        else:  # batch norm in eval mode with its affine weight and bias
+            z = self.bn(h.transpose(1, 2)).transpose(1, 2)
+        return h + torch.tanh(z)
+
+
+@pytest.mark.parametrize("B,T", [(4, 6), (6, 6)], ids=["B!=T", "B==T"])
+@pytest.mark.parametrize("how", ["einsum_linear", "einsum_seq_first", "einsum_bilinear", "divide", "batch_norm"])
+def test_uses_without_a_factor_form_are_exact(how, B, T):
+    m = PatternModel("plain")
+    m.block = OddUsesBody(how)
+    m.eval()
+    batch = token_batch(B, T)
+    assert_exact(m, m.block, batch)  # fallback="dense", the default
+    strict = sdi_torch.Attributor(m, m.block, token_loss, sdi_core.Exact(), progress=False, fallback="error")
+    if how in ("einsum_linear", "einsum_seq_first"):
+        strict.featurize([batch])  # captured as linear uses: no fallback involved
+    else:
+        with pytest.raises(SDIError, match="does not understand"):
+            strict.featurize([batch])
+
+
+# --------------------------------------------------------------------------- coverage report
+
+
+def test_coverage_report_counts_uses_kinds_and_steps_with_gradient():
+    m = PatternModel("no_grad_prefix")
+    m.block = OddUsesBody("divide")
+    m.eval()
+    got = sdi_torch.Attributor(m, m.block, token_loss, sdi_core.Exact(), progress=False,
+                               groups={"prelude": [m.emb], "coda": [m.head]}).featurize([token_batch(4, 6)])
+    cov = got.meta["coverage"]
+    assert cov.steps_run == {"prelude": 1, "loop": TAU, "coda": 1}
+    assert cov.steps_with_grad == {"prelude": 1, "loop": TAU - 1, "coda": 1}  # step 0 ran under no_grad
+    assert cov.uses["block.s"] == {1: {"dense": 1}, 2: {"dense": 1}}  # x / s: the exact fallback
+    assert cov.uses["emb.weight"] == {0: {"embedding": 1}}
+    assert cov.uses["head.weight"] == {0: {"linear": 1}} and cov.uses["head.bias"] == {0: {"bias": 1}}
+    assert cov.unused == ["block.w", "block.bn.weight", "block.bn.bias"]  # "divide" uses s only
+    text = cov.describe()
+    assert "group 'loop': 3 step slot(s) run, 2 with gradient" in text
+    assert "block.s: dense x2; steps 1-2; 1 use(s) per step" in text
+    assert sdi_core.Coverage.from_dict(cov.to_dict()) == cov

@@ -350,6 +350,7 @@ class _Session:
         self.first = first
         self.params = None
         self._engines: list = []
+        self._coverage = None
 
     def __enter__(self):
         return self
@@ -369,13 +370,15 @@ class _Session:
         engine = attr.engine(self.params, batch)
         if engine not in self._engines:
             self._engines.append(engine)
+        cov = cap.coverage()
+        self._coverage = cov if self._coverage is None else self._coverage.merge(cov)
         return driver.BatchFeatures(out, dict(cap.steps), attr.sketch_plan(self.params, batch).layout)
 
     def meta(self) -> dict:
         routes = {}
         for engine in self._engines:
             routes.update(engine.routes())
-        return {"backend": "jax", "routes": routes}
+        return {"backend": "jax", "routes": routes, "coverage": self._coverage}
 
 
 def _as_checkpoints(checkpoints) -> list[Checkpoint]:

@@ -44,6 +44,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from sdi_core.coverage import Coverage
 from sdi_core.factors import ParamInfo, SDIError
 
 __all__ = [
@@ -164,6 +165,85 @@ class _Track:
     ops: tuple = ()
 
 
+# ------------------------------------------------------------ prep records: raw arrays -> factors, per kind
+
+
+@dataclass(frozen=True)
+class LinearPrep:
+    """A ``dot_general`` with the leaf as operand ``tracked``: how to lay out its factors.
+
+    ``x_perm`` / ``x_shape`` put the other operand as ``[N, d_in]`` (``[N, d_out]`` when ``swap``: the leaf
+    is used transposed), ``g_perm`` / ``g_shape`` the output's gradient as ``[..., N, d]``.
+    """
+
+    swap: bool
+    tracked: int
+    x_perm: tuple
+    x_shape: tuple
+    g_perm: tuple
+    g_shape: tuple
+
+    def activation(self, invals):
+        x = invals[1 - self.tracked]
+        return jnp.reshape(jnp.transpose(x, self.x_perm), self.x_shape)
+
+    def grad(self, g, lead: int):
+        perm = tuple(range(lead)) + tuple(lead + p for p in self.g_perm)
+        return jnp.reshape(jnp.transpose(g, perm), g.shape[:lead] + self.g_shape)
+
+
+@dataclass(frozen=True)
+class EmbeddingPrep:
+    """A ``gather`` of rows of a ``[num, dim]`` leaf by ``n_tok`` ids (``clip``: out-of-range ids clipped)."""
+
+    n_tok: int
+    dim: int
+    num: int
+    clip: bool
+
+    def activation(self, invals):
+        ids = jnp.reshape(invals[1][..., 0], (self.n_tok,))
+        return jnp.clip(ids, 0, self.num - 1) if self.clip else ids
+
+    def grad(self, g, lead: int):
+        return jnp.reshape(g, g.shape[:lead] + (self.n_tok, self.dim))
+
+
+@dataclass(frozen=True)
+class ElementwisePrep:
+    """``mul`` (``scale``) or ``add`` (``bias``) with a 1-D leaf broadcast along output axis ``pos``."""
+
+    pos: int
+    n_tok: int
+    d: int
+    other: int
+    out_shape: tuple
+    scale: bool
+
+    def activation(self, invals):
+        if not self.scale:
+            return None
+        x = jnp.broadcast_to(invals[self.other], self.out_shape)
+        return jnp.reshape(jnp.moveaxis(x, self.pos, -1), (self.n_tok, self.d))
+
+    def grad(self, g, lead: int):
+        g = jnp.moveaxis(g, lead + self.pos, -1)
+        return jnp.reshape(g, g.shape[:lead] + (self.n_tok, self.d))
+
+
+@dataclass(frozen=True)
+class DensePrep:
+    """The exact per-example gradient of the leaf (``why``: the reason no factor form applied)."""
+
+    why: str
+
+    def activation(self, invals):
+        return None
+
+    def grad(self, g, lead: int):
+        raise AssertionError("dense sites are laid out canonically, not as factors")
+
+
 @dataclass
 class Site:
     """One use of one selected leaf (static description).
@@ -180,7 +260,8 @@ class Site:
             output for factor kinds, the leaf for ``dense``).
         operand: for ``dense``, the operand position the perturbation enters.
         ops: for ``dense``, the view ops from the leaf to that operand.
-        prep: static instructions turning the raw arrays into factors.
+        prep: the kind's typed record (:class:`LinearPrep`, :class:`EmbeddingPrep`, :class:`ElementwisePrep`,
+            :class:`DensePrep`) turning the raw arrays into factors.
         step, step_axis: filled by step resolution (see :class:`CapturePlan`).
     """
 
@@ -194,7 +275,7 @@ class Site:
     pert_dtype: Any
     operand: int | None = None
     ops: tuple = ()
-    prep: dict = field(default_factory=dict)
+    prep: "LinearPrep | EmbeddingPrep | ElementwisePrep | DensePrep | None" = None
     step: int = 0
     step_axis: bool = False
     step_offset: int = 0
@@ -323,7 +404,7 @@ class _Walker:
             )
         aval = self.leaf_avals[track.leaf]
         site = self._new_site(track.leaf, "dense", eqn, ctx, aval.shape, aval.dtype, operand=k, ops=track.ops)
-        site.prep = {"why": why}
+        site.prep = DensePrep(why)
         action.dense.append(site.id)
 
     def _canon(self, leaf: int, want: tuple) -> tuple:
@@ -440,16 +521,16 @@ class _Walker:
         if lf == [rows] and sorted(lcs) == sorted(cols):
             # normal: grad-output along the rows (d_out), activation along the columns (d_in)
             x_c = [c_x[lcs.index(a)] for a in cols]
-            prep = {"swap": False, "x_perm": tuple(f_x + x_c), "x_shape": (n_tok, int(math.prod(x_shape[d] for d in x_c))),
-                    "g_perm": tuple(x_pos + op_pos), "g_shape": (n_tok, leaf_shape[rows])}
+            prep = LinearPrep(swap=False, tracked=k, x_perm=tuple(f_x + x_c),
+                              x_shape=(n_tok, int(math.prod(x_shape[d] for d in x_c))),
+                              g_perm=tuple(x_pos + op_pos), g_shape=(n_tok, leaf_shape[rows]))
         elif lcs == [rows] and sorted(lf) == sorted(cols):
             # transposed use: the activation runs along the rows, the grad-output along the columns
             g_c = [op_pos[lf.index(a)] for a in cols]
-            prep = {"swap": True, "x_perm": tuple(f_x + c_x), "x_shape": (n_tok, leaf_shape[rows]),
-                    "g_perm": tuple(x_pos + g_c), "g_shape": (n_tok, int(math.prod(out_shape[p] for p in g_c)))}
+            prep = LinearPrep(swap=True, tracked=k, x_perm=tuple(f_x + c_x), x_shape=(n_tok, leaf_shape[rows]),
+                              g_perm=tuple(x_pos + g_c), g_shape=(n_tok, int(math.prod(out_shape[p] for p in g_c))))
         else:
             return False
-        prep["tracked"] = k
         self._canon(track.leaf, canon)
         site = self._new_site(track.leaf, "linear", eqn, ctx, out_shape, eqn.outvars[0].aval.dtype)
         site.prep = prep
@@ -480,7 +561,7 @@ class _Walker:
         n_tok = int(math.prod(idx_shape[:-1]))
         mode = str(eqn.params.get("mode", ""))
         site = self._new_site(track.leaf, "embedding", eqn, ctx, out_shape, eqn.outvars[0].aval.dtype)
-        site.prep = {"n_tok": n_tok, "dim": leaf_shape[1], "num": leaf_shape[0], "clip": "CLIP" in mode.upper()}
+        site.prep = EmbeddingPrep(n_tok=n_tok, dim=leaf_shape[1], num=leaf_shape[0], clip="CLIP" in mode.upper())
         action.out_site = site.id
         return True
 
@@ -501,14 +582,15 @@ class _Walker:
         n_tok = int(math.prod(out_shape)) // d
         kind = "scale" if eqn.primitive.name == "mul" else "bias"
         site = self._new_site(track.leaf, kind, eqn, ctx, out_shape, eqn.outvars[0].aval.dtype)
-        site.prep = {"pos": pos, "n_tok": n_tok, "d": d, "other": 1 - k, "out_shape": tuple(out_shape)}
+        site.prep = ElementwisePrep(pos=pos, n_tok=n_tok, d=d, other=1 - k, out_shape=tuple(out_shape),
+                                    scale=kind == "scale")
         action.out_site = site.id
         return True
 
     # ------------------------------------------------------------------- scan
     def _scan(self, eqn, i: int, uses, ctx: _Ctx, action: _Action) -> list:
         p = eqn.params
-        nc, ncar = p["num_consts"], p["num_carry"]
+        nc = p["num_consts"]
         body = p["jaxpr"].jaxpr
         n_out = len(eqn.outvars)
         key = ctx.path + (i,)
@@ -564,6 +646,28 @@ class CapturePlan:
     def sites_of(self, name: str) -> list:
         leaf = self.leaf_index[name]
         return [s for s in self.sites if s.leaf == leaf]
+
+    def coverage(self) -> Coverage:
+        """What this capture covers, in the backends' shared :class:`sdi_core.Coverage` form.
+
+        Every use found in the jaxpr counts, one per step slot it covers (a site inside the loop's
+        ``lax.scan`` covers all its iterations).  ``steps_with_grad`` counts step slots with a use: a
+        ``stop_gradient`` prefix still has its uses (the jaxpr cannot say that no gradient arrives; its
+        features are zero).
+        """
+        cov = Coverage(groups={p.name: p.group for p in self.params})
+        names = {leaf: name for name, leaf in self.leaf_index.items()}
+        for site in self.sites:
+            if site.leaf not in names:
+                continue
+            stack = site.stack
+            steps = range(site.step_offset, site.step_offset + stack[0]) if site.step_axis else (site.step,)
+            for st in steps:
+                cov.add(names[site.leaf], st, site.kind)
+        cov.steps_run = dict(self.steps)
+        cov.steps_with_grad = {g: len({st for p, per in cov.uses.items() if cov.groups[p] == g for st in per})
+                               for g in self.steps}
+        return cov
 
     def describe(self) -> str:
         """A short human-readable account of the capture (sites per parameter and kind)."""
@@ -831,19 +935,7 @@ def _apply_ops(ops, x):
 
 
 def _prep_activation(site: Site, invals):
-    prep = site.prep
-    if site.kind == "linear":
-        x = invals[1 - prep["tracked"]]
-        return jnp.reshape(jnp.transpose(x, prep["x_perm"]), prep["x_shape"])
-    if site.kind == "embedding":
-        ids = jnp.reshape(invals[1][..., 0], (prep["n_tok"],))
-        if prep["clip"]:
-            ids = jnp.clip(ids, 0, prep["num"] - 1)
-        return ids
-    if site.kind == "scale":
-        x = jnp.broadcast_to(invals[prep["other"]], prep["out_shape"])
-        return jnp.reshape(jnp.moveaxis(x, prep["pos"], -1), (prep["n_tok"], prep["d"]))
-    return None
+    return site.prep.activation(invals)
 
 
 def _run(jaxpr, consts, args, scope: _Scope, plan_sites, pert: dict, acts: dict):
@@ -947,16 +1039,7 @@ def run_capture(plan: CapturePlan, params, batch):
 
 def _grad_factor(site: Site, g):
     """Grad-output ``[B, *stack, *out]`` -> ``[B, *stack, N, d]`` (factor kinds) or canonical dense."""
-    lead = g.ndim - len(site.pert_shape)
-    if site.kind == "linear":
-        perm = tuple(range(lead)) + tuple(lead + p for p in site.prep["g_perm"])
-        return jnp.reshape(jnp.transpose(g, perm), g.shape[:lead] + site.prep["g_shape"])
-    if site.kind == "embedding":
-        return jnp.reshape(g, g.shape[:lead] + (site.prep["n_tok"], site.prep["dim"]))
-    if site.kind in ("scale", "bias"):
-        g = jnp.moveaxis(g, lead + site.prep["pos"], -1)
-        return jnp.reshape(g, g.shape[:lead] + (site.prep["n_tok"], site.prep["d"]))
-    raise AssertionError(site.kind)
+    return site.prep.grad(g, g.ndim - len(site.pert_shape))
 
 
 def site_arrays(plan: CapturePlan, site: Site, grads: dict, acts: dict):
@@ -1002,6 +1085,6 @@ def site_arrays(plan: CapturePlan, site: Site, grads: dict, acts: dict):
                 a_tail = a.shape[2 + len(fold):]
                 a = jnp.reshape(a, (b, s_len, -1) + a_tail[1:])
     kind = site.kind
-    if kind == "linear" and site.prep["swap"]:
+    if kind == "linear" and site.prep.swap:
         a, g = g, a
     return steps, kind, a, g

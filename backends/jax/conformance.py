@@ -92,12 +92,18 @@ _marked_body = loop_step(_mlp_body)
 def mlp_loss(params, batch, arch: Mapping[str, Any], scan: bool = False):
     """Per-example cross-entropy ``[B]`` of the canonical looped MLP (see :mod:`sdi_conformance.models`)."""
     h = jnp.asarray(batch["x"]) @ params["embed"]["weight"] + params["embed"]["bias"]
+    if arch.get("seq_first"):
+        h = jnp.swapaxes(h, 0, 1)  # [T, B, d]: the body runs sequence-first
     if scan:
         h, _ = jax.lax.scan(lambda h, _: (_mlp_body(params["block"], h, arch["body"]), None), h, None,
                             length=arch["tau"])
     else:
         for _ in range(arch["tau"]):
             h = _marked_body(params["block"], h, arch["body"])
+    if arch.get("seq_first"):
+        h = jnp.swapaxes(h, 0, 1)
+    if arch.get("tokens"):
+        h = h.mean(1)
     logits = h @ params["head"]["weight"] + params["head"]["bias"]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(logp, jnp.asarray(batch["y"])[:, None], axis=-1)[:, 0]

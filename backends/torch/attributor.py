@@ -84,6 +84,13 @@ class Attributor:
             example; other leaves are passed to both runs unchanged.  Default
             (None): on, except with ``train_mode=True``, where dropout makes
             the two runs differ by chance.
+        fallback: what to do with a use of a selected parameter that has no
+            factor form (an ``einsum`` that is no linear map, ``F.batch_norm``
+            with its affine weight, ``x / w``, any other torch function):
+            ``"dense"`` (default) takes its exact per-example gradient with
+            ``torch.func`` (a ``vmap`` of a ``vjp`` over that call; costs one
+            more pass through the call, and ``B x numel`` memory for that
+            parameter); ``"error"`` refuses, naming the parameter and the op.
 
     Attributes:
         selection: the resolved parameters (``.infos``: ``ParamInfo`` list).
@@ -92,9 +99,11 @@ class Attributor:
             (it keeps the workspace and the route choices between calls).
 
     Canonical shapes are the stored shapes (``nn.Linear``: ``(d_out, d_in)``).
-    Activations must be batch-major (see :mod:`sdi_torch.capture` for the
-    operations the capture understands; any other use of a selected parameter
-    raises an error naming the parameter and the operation).  The capture
+    The batch's tensors hold one example per index of axis 0; inside the
+    model the examples may lie on any axis, which the capture follows by
+    provenance (:mod:`sdi_torch.example_axis`), never by size.  See
+    :mod:`sdi_torch.capture` for the uses it factors (others: ``fallback``);
+    ``Features.meta["coverage"]`` says what was captured.  The capture
     holds a reference to each use's input until its gradient arrives, as
     autograd does for a weight that requires grad, so featurisation needs
     about the memory of one forward + backward pass.
@@ -117,6 +126,7 @@ class Attributor:
         progress: bool = True,
         fast_path: bool = True,
         check_rows: bool | None = None,
+        fallback: str = "dense",
     ) -> None:
         if not callable(loss_fn):
             raise SDIError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {type(loss_fn).__name__}.")
@@ -129,6 +139,9 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.fast = bool(fast_path)
+        if fallback not in ("dense", "error"):
+            raise SDIError(f"fallback must be 'dense' or 'error', got {fallback!r}.")
+        self.fallback = fallback
         self.check_rows = (not self.train_mode) if check_rows is None else bool(check_rows)
         self.steps = _check_steps(steps)
         self.engine = SketchEngine(self.plan, method="auto" if self.fast else "portable")
@@ -270,11 +283,13 @@ class _CaptureSession(ModelSession):
         self.attr = attr
         self._capture: FactorCapture | None = None
         self._rows_checked: set = set()
+        self._coverage = None
 
     def __enter__(self):
         super().__enter__()
         try:
-            self._capture = FactorCapture(self.model, self.attr.selection, batch_size=self.attr.batch_size).__enter__()
+            self._capture = FactorCapture(self.model, self.attr.selection, batch_size=self.attr.batch_size,
+                                          fallback=self.attr.fallback).__enter__()
         except BaseException:
             super().__exit__()
             raise
@@ -316,6 +331,8 @@ class _CaptureSession(ModelSession):
             box["state"] = engine.update(box["state"], use)
 
         res = self._capture.run(self.attr.loss_fn, batch, on_use, on_loss)
+        cov = res["coverage"]
+        self._coverage = cov if self._coverage is None else self._coverage.merge(cov)
         return engine.finalize(box["state"]), res["steps"], box["n"]
 
     def _check_rows(self, batch, data, steps, n, summed) -> None:
@@ -352,7 +369,16 @@ class _CaptureSession(ModelSession):
                     )
 
     def meta(self) -> dict:
-        return {"backend": self.backend, "routes": self.attr.engine.routes()}
+        cov = self._coverage
+        if cov is not None and cov.unused:
+            warnings.warn(
+                f"Selected parameter(s) {cov.unused[:8]}{' ...' if len(cov.unused) > 8 else ''} are never used "
+                "with gradients enabled in the forward pass; their features are zero. Leave them out of the "
+                "selection (select parameters or submodules instead of the whole module) if that is not meant. "
+                "Features.meta['coverage'].describe() shows what was captured.",
+                stacklevel=4,
+            )
+        return {"backend": self.backend, "routes": self.attr.engine.routes(), "coverage": cov}
 
 
 def _shape_signature(batch) -> tuple:

@@ -63,6 +63,8 @@ class LoopedMLP(nn.Module):
         super().__init__()
         d = arch["d_hidden"]
         self.tau = int(arch["tau"])
+        self.tokens = bool(arch.get("tokens"))
+        self.seq_first = bool(arch.get("seq_first"))
         self.embed = nn.Linear(arch["d_in"], d)
         self.block = _MLPBody(d, arch["d_mlp"], arch["body"])
         self.head = nn.Linear(d, arch["n_classes"])
@@ -71,9 +73,13 @@ class LoopedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
+        if self.seq_first:
+            h = h.transpose(0, 1)  # [T, B, d]: the body runs sequence-first
         for _ in range(self.tau):
             h = self.block(h)
-        return self.head(h)
+        if self.seq_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1) if self.tokens else h)
 
 
 def mlp_loss(model: LoopedMLP, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -382,7 +382,6 @@ def index_axis(shape: Sequence[int], idx, ax: Axis) -> Axis | str:
         items = items[:k] + [slice(None)] * (len(shape) - n_real) + items[k + 1:]
     else:
         items = items + [slice(None)] * (len(shape) - n_real)
-    adv = [i for i, it in enumerate(items) if isinstance(it, Tensor) or isinstance(it, (list,))]
     out_dim = 0
     in_dim = 0
     result: int | None = None
