@@ -25,7 +25,6 @@ ONLY_TORCH = {
 }
 ONLY_JAX = {
     "batch_axes": "vmap-style example axes of the batch pytree",
-    "fallback": "dense fallback of unknown uses (torch raises)",
     "order": "pytree leaves have no definition order",
     "jit": "jax.jit of the featurisation",
     "params": "the current weights of a pure loss (torch: the model's own)",
@@ -58,7 +57,7 @@ def _compare(torch_fn, jax_fn, what: str, skip_torch=(), skip_jax=()) -> set:
 
 def test_attributor_constructors_share_names_and_defaults():
     shared = _compare(sdi_torch.Attributor.__init__, sdi_jax.Attributor.__init__, "Attributor")
-    assert {"loop", "loss_fn", "sketch", "groups", "steps", "progress", "check_rows"} <= shared, shared
+    assert {"loop", "loss_fn", "sketch", "groups", "steps", "progress", "check_rows", "fallback"} <= shared, shared
 
 
 def test_featurize_shares_names_and_defaults():
