@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["Axis", "Lost", "Prov", "Tensor", "propagate", "known_ops", "to_batch_major_plan"]
+__all__ = ["Axis", "Lost", "Prov", "Tensor", "propagate", "known_ops", "reshape_axis", "index_axis", "einsum_axis"]
 
 
 @dataclass(frozen=True)
@@ -375,7 +375,7 @@ def index_axis(shape: Sequence[int], idx, ax: Axis) -> Axis | str:
     """Where the examples lie in ``x[idx]`` (basic and advanced indexing), or why they cannot be followed."""
     items = list(idx) if isinstance(idx, tuple) else [idx]
     n_real = sum(1 for it in items if it is not None and it is not Ellipsis and not isinstance(it, bool))
-    if any(isinstance(it, Tensor) and it.ndim > 0 and it.shape and _is_mask(it) for it in items):
+    if any(isinstance(it, Tensor) and it.ndim > 0 and it.is_bool for it in items):
         return "a boolean mask index flattens the examples together"
     if Ellipsis in items:
         k = items.index(Ellipsis)
@@ -426,10 +426,6 @@ def index_axis(shape: Sequence[int], idx, ax: Axis) -> Axis | str:
     if result is None:
         return "the example axis was not found in the index"
     return Axis(result, ax.outer, ax.inner)
-
-
-def _is_mask(t: Tensor) -> bool:
-    return getattr(t, "is_bool", False)
 
 
 def _matmul(op, args, kwargs, outs):
@@ -530,13 +526,9 @@ def einsum_axis(eq: str, shapes: Sequence[Sequence[int]], provs: Sequence[Prov])
 
 
 def _embedding(op, args, kwargs, outs):
-    if op == "embedding" and args and isinstance(args[0], Tensor) and len(args) > 1 and isinstance(args[1], Tensor) \
-            and args[0].ndim == 2 and args[0].prov is None and args[1].prov is not None:
-        ids = args[1]  # torch.embedding(weight, ids)
-    else:
-        ids = args[0] if args else kwargs.get("input")
-    if not isinstance(ids.prov, Axis):
-        return [ids.prov]
+    """``F.embedding(ids, W)`` / ``torch.embedding(W, ids)``: the output has the ids' axes first; the weight
+    never carries the batch (a weight that did would be Lost already)."""
+    ids = next(t for t in _tensors(args) + _tensors(kwargs) if t.prov is not None)
     return [ids.prov]
 
 
@@ -778,12 +770,3 @@ def propagate(op: str, args: tuple, kwargs: dict, out_shapes: Sequence[tuple[int
     if len(got) < len(out_shapes):
         got = list(got) + [got[-1]] * (len(out_shapes) - len(got))
     return list(got)
-
-
-def to_batch_major_plan(shape: Sequence[int], ax: Axis, batch_size: int) -> tuple[int, int, int]:
-    """``(outer, B, inner)`` sizes to unflatten the example dim into, checked against the batch size."""
-    n = shape[ax.dim]
-    if n != ax.outer * batch_size * ax.inner:
-        raise ValueError(f"dimension {ax.dim} of shape {tuple(shape)} has size {n}, not "
-                         f"{ax.outer} x {batch_size} x {ax.inner}")
-    return ax.outer, batch_size, ax.inner
